@@ -1,0 +1,27 @@
+"""One pre-norm transformer block: x + Attn(RMSNorm(x)), then + FFN(RMSNorm(.)), the FFN dense or MoE."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .attention import build_attention
+from .config import ModelConfig
+from .mlp import MLP
+from .moe import MoE
+from .norm import RMSNorm
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        self.self_attn = build_attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
+        # DeepSeek keeps the first layers dense (V3: 3): early routing is unstable and the layers are cheap.
+        self.mlp = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+
+    def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0,
+                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, start_pos, cache)
+        return x + self.mlp(self.post_attention_layernorm(x))

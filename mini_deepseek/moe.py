@@ -1,0 +1,138 @@
+"""DeepSeekMoE (DeepSeek-V3 section 2.1.2): shared experts plus fine-grained routed experts.
+
+    h'_t = u_t + sum_i FFN^(s)_i(u_t) + sum_i g_{i,t} FFN^(r)_i(u_t)
+
+The gate (DeepSeek-V3 eqs. 13-16, and section 2.1.2 "Auxiliary-Loss-Free Load Balancing"):
+- affinities s_{i,t} = sigmoid(u_t . e_i) (V2: softmax over experts);
+- a per-expert bias b_i is added for *selection only*: the top-k picks experts by s_{i,t} + b_i, but the gating
+  weights come from the unbiased s_{i,t}, normalized over the chosen k, times the routed scaling factor;
+- group-limited routing: experts are split into n_group groups (nodes); a group scores the sum of its top-2
+  biased affinities (V2 used the max), only the best topk_group groups stay eligible;
+- after each training step b_i moves by gamma towards balance: down if expert i was overloaded, up if underloaded;
+- a complementary sequence-wise balance loss alpha * sum_i f_i P_i guards against extreme imbalance within one
+  sequence.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import ModelConfig
+from .mlp import MLP
+
+
+class Gate(nn.Module):
+    """Routes each token to top-k experts; `weight` and `e_score_correction_bias` as in the checkpoints."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.topk, self.n_experts = cfg.n_activated_experts, cfg.n_routed_experts
+        self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
+        self.score_func, self.route_scale, self.norm_topk_prob = cfg.score_func, cfg.route_scale, cfg.norm_topk_prob
+        self.bias_update_speed, self.seq_aux_alpha = cfg.bias_update_speed, cfg.seq_aux_alpha
+        self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
+        # A buffer, not a parameter: the bias is moved by the balancing rule, never by gradients.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        self.last_load: torch.Tensor | None = None  # tokens routed per expert in the last forward, [E]
+        self.balance_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
+
+    def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k]."""
+        logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does
+        scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # [N, E]
+        biased = scores + self.e_score_correction_bias if self.score_func == "sigmoid" else scores
+        if self.n_groups > 1:
+            biased = self._mask_groups(biased)
+        indices = biased.topk(self.topk, dim=-1).indices  # [N, k]
+        weights = scores.gather(1, indices)  # unbiased affinities of the chosen experts
+        if self.norm_topk_prob:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+        weights = weights * self.route_scale
+        with torch.no_grad():
+            self.last_load = torch.bincount(indices.flatten(), minlength=self.n_experts).float()
+        self.balance_loss = self._sequence_balance_loss(scores, indices, seq_len) \
+            if self.training and self.seq_aux_alpha > 0 else None
+        return weights.to(x.dtype), indices
+
+    def _mask_groups(self, biased: torch.Tensor) -> torch.Tensor:
+        N = biased.shape[0]
+        grouped = biased.view(N, self.n_groups, -1)  # [N, G, E/G]
+        if self.score_func == "sigmoid":
+            group_scores = grouped.topk(2, dim=-1).values.sum(dim=-1)  # [N, G]
+        else:
+            group_scores = grouped.amax(dim=-1)
+        keep = group_scores.topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
+        dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
+        # -inf, not 0: biased scores can be negative, and a masked expert must never win the top-k.
+        # (transformers fills 0.0 here; the two agree whenever the kept experts' biased scores are positive.)
+        return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, -1)
+
+    def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, seq_len: int) -> torch.Tensor:
+        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eqs. 17-20), averaged over the batch."""
+        E, k = self.n_experts, self.topk
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t}: affinities normalized over all experts
+        probs = probs.view(-1, seq_len, E)  # [B, T, E]
+        chosen = torch.zeros_like(probs).scatter_(2, indices.view(-1, seq_len, k), 1.0)  # [B, T, E]
+        f = chosen.mean(dim=1) * (E / k)  # [B, E]: N_r / (K_r T) * tokens choosing expert i
+        P = probs.mean(dim=1)  # [B, E]
+        return self.seq_aux_alpha * (f * P).sum(dim=-1).mean()
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), from the last forward."""
+        if self.last_load is None or self.bias_update_speed == 0 or self.score_func != "sigmoid":
+            return
+        self.e_score_correction_bias += self.bias_update_speed * torch.sign(self.last_load.mean() - self.last_load)
+
+
+class RoutedExperts(nn.Module):
+    """All routed experts' SwiGLU weights stacked, as fused MoE kernels want them.
+
+    w_gate_up [E, 2I, dim] holds each expert's gate rows then up rows; w_down [E, dim, I]. The published
+    checkpoints store per-expert `experts.{e}.gate_proj/up_proj/down_proj`; the checkpoint loader stacks them.
+    """
+
+    def __init__(self, n_experts: int, dim: int, inter_dim: int):
+        super().__init__()
+        self.inter_dim = inter_dim
+        self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
+        self.w_down = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        """x [N, dim], weights/indices [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x), [N, dim]."""
+        N, k = indices.shape
+        flat = indices.flatten()  # slot s = token s // k, its (s % k)-th expert
+        order = flat.argsort(stable=True)  # slots grouped by expert
+        counts = torch.bincount(flat, minlength=self.w_gate_up.shape[0]).tolist()
+        y = torch.zeros_like(x)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            slots = order[start:start + n]
+            start += n
+            tokens = slots // k
+            gate, up = F.linear(x[tokens], self.w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
+            out = F.linear(F.silu(gate) * up, self.w_down[e])  # [n, dim]
+            y.index_add_(0, tokens, out * weights.flatten()[slots, None])
+        return y
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.gate = Gate(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.dim, cfg.moe_inter_dim)
+        # The shared experts always run on every token, so they are one MLP of n_shared * moe_inter_dim width.
+        self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        flat = x.view(B * T, D)
+        weights, indices = self.gate(flat, seq_len=T)
+        y = self.experts(flat, weights, indices)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, D)
