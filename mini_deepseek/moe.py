@@ -33,8 +33,10 @@ class Gate(nn.Module):
         self.score_func, self.route_scale, self.norm_topk_prob = cfg.score_func, cfg.route_scale, cfg.norm_topk_prob
         self.bias_update_speed, self.seq_aux_alpha = cfg.bias_update_speed, cfg.seq_aux_alpha
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
-        # A buffer, not a parameter: the bias is moved by the balancing rule, never by gradients.
-        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.n_routed_experts, dtype=torch.float32))
+        # A buffer, not a parameter: the bias is moved by the balancing rule, never by gradients. V2's softmax
+        # gate has none (and neither do its checkpoints).
+        bias = torch.zeros(cfg.n_routed_experts, dtype=torch.float32) if cfg.score_func == "sigmoid" else None
+        self.register_buffer("e_score_correction_bias", bias)
         self.last_load: torch.Tensor | None = None  # tokens routed per expert in the last forward, [E]
         self.balance_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
 
@@ -42,7 +44,8 @@ class Gate(nn.Module):
         """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k]."""
         logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # [N, E]
-        biased = scores + self.e_score_correction_bias if self.score_func == "sigmoid" else scores
+        bias = self.e_score_correction_bias
+        biased = scores if bias is None else scores + bias
         if self.n_groups > 1:
             biased = self._mask_groups(biased)
         indices = biased.topk(self.topk, dim=-1).indices  # [N, k]
@@ -82,7 +85,7 @@ class Gate(nn.Module):
     @torch.no_grad()
     def update_bias(self) -> None:
         """Auxiliary-loss-free balancing: b_i += gamma * sign(mean load - load_i), from the last forward."""
-        if self.last_load is None or self.bias_update_speed == 0 or self.score_func != "sigmoid":
+        if self.last_load is None or self.bias_update_speed == 0 or self.e_score_correction_bias is None:
             return
         self.e_score_correction_bias += self.bias_update_speed * torch.sign(self.last_load.mean() - self.last_load)
 

@@ -1,0 +1,222 @@
+import math
+
+import pytest
+import torch
+
+from mini_deepseek import DeepSeekV3, ModelConfig
+from mini_deepseek.moe import Gate
+from mini_deepseek.rope import apply_rotary_emb, precompute_freqs_cis, rope_inv_freq, yarn_ramp_range
+
+TINY = dict(dim=64, n_layers=3, n_dense_layers=1, inter_dim=128, moe_inter_dim=32, n_heads=4, max_seq_len=64,
+            q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+            n_routed_experts=8, n_activated_experts=2, n_expert_groups=4, n_limited_groups=2, route_scale=2.5)
+VARIANTS = {
+    "mla": {}, "mla-noq": dict(q_lora_rank=0), "mla-yarn": dict(rope_factor=4.0, original_seq_len=16),
+    "mha": dict(attn_type="mha", head_dim=16), "gqa": dict(attn_type="gqa", n_kv_heads=2, head_dim=16),
+    "mqa": dict(attn_type="mqa", head_dim=16),
+}
+
+
+def tiny_model(**changes) -> DeepSeekV3:
+    return DeepSeekV3(ModelConfig.preset("toy", **{**TINY, **changes})).eval()
+
+
+def ids(B=2, T=24, vocab=264):
+    return torch.randint(0, vocab, (B, T))
+
+
+@pytest.mark.parametrize("variant", ["mla", "mla-noq", "mla-yarn"])
+def test_absorbed_mla_equals_naive(variant):
+    model = tiny_model(**VARIANTS[variant])
+    x = ids(T=40)
+    naive = model(x)
+    model.set_mla_mode("absorb")
+    absorbed = model(x)
+    assert torch.allclose(naive, absorbed, atol=1e-5, rtol=0), (naive - absorbed).abs().max()
+
+
+CACHE_CASES = [(v, "naive") for v in VARIANTS] + [(v, "absorb") for v in VARIANTS if v.startswith("mla")]
+
+
+@pytest.mark.parametrize("variant, mode", CACHE_CASES)
+def test_cached_chunks_equal_full_forward(variant, mode):
+    model = tiny_model(mla_mode=mode, **VARIANTS[variant])
+    x = ids(T=30)
+    full = model(x)
+    cache = model.new_cache(batch_size=2, max_len=30)
+    pieces = [model(x[:, :17], cache=cache), model(x[:, 17:18], start_pos=17, cache=cache),
+              model(x[:, 18:], start_pos=18, cache=cache)]
+    assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("variant, mode", [("mla", "naive"), ("mla", "absorb"), ("mla-yarn", "absorb"), ("gqa", "naive")])
+def test_generate_with_cache_gives_the_same_tokens(variant, mode):
+    model = tiny_model(mla_mode=mode, **VARIANTS[variant])
+    prompt = ids(T=9)
+    with_cache = model.generate(prompt, 20)
+    recomputed = model.generate(prompt, 20, use_cache=False)
+    assert torch.equal(with_cache, recomputed)
+    assert with_cache.shape == (2, 29) and torch.equal(with_cache[:, :9], prompt)
+    sampled = [model.generate(prompt, 12, temperature=1.0, top_p=0.9, use_cache=c,
+                              generator=torch.Generator().manual_seed(3)) for c in (True, False)]
+    assert torch.equal(sampled[0], sampled[1])
+
+
+def test_model_is_causal_and_mtp_sees_exactly_one_more_token():
+    model = tiny_model(n_mtp_modules=2)
+    x = ids(B=1, T=20)
+    logits, mtp = model(x, return_mtp=True)
+    assert logits.shape == (1, 20, 264) and [m.shape for m in mtp] == [(1, 19, 264), (1, 18, 264)]
+    y = x.clone()
+    y[0, 12] = (y[0, 12] + 1) % 264
+    logits2, mtp2 = model(y, return_mtp=True)
+
+    def same(a, b):  # equal up to float rounding (expert batches group different tokens)
+        return torch.allclose(a, b, atol=1e-5, rtol=0)
+
+    assert same(logits[:, :12], logits2[:, :12]) and not same(logits[:, 12], logits2[:, 12])
+    # depth k at position i reads tokens up to i + k: changing token 12 moves depth 1 from i = 11, depth 2 from 10
+    assert same(mtp[0][:, :11], mtp2[0][:, :11]) and not same(mtp[0][:, 11], mtp2[0][:, 11])
+    assert same(mtp[1][:, :10], mtp2[1][:, :10]) and not same(mtp[1][:, 10], mtp2[1][:, 10])
+
+
+def test_loss_combines_lm_mtp_and_balance_terms():
+    model = tiny_model().train()
+    x = ids(T=16)
+    loss, parts = model.loss(x, x.roll(-1, dims=1))
+    cfg = model.config
+    assert loss.item() == pytest.approx(parts["lm"] + cfg.mtp_loss_weight * parts["mtp"] + parts["balance"], rel=1e-5)
+    assert parts["lm"] == pytest.approx(math.log(264), abs=0.2)  # untrained: about uniform
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def test_training_a_few_steps_learns_a_repeated_sequence():
+    model = tiny_model(n_layers=2).train()
+    x = torch.arange(32).repeat(2, 1) % 11
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(40):
+        loss, parts = model.loss(x[:, :-1], x[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.update_routing_bias()
+        first = first or parts["lm"]
+    assert parts["lm"] < 0.3 * first
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="token ids"):
+        model(torch.tensor([[0, 264]]))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model(ids(T=65))
+    with pytest.raises(ValueError, match="integer tensor"):
+        model(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="batch size"):
+        model(ids(B=3, T=4), cache=model.new_cache(2, 8))
+    with pytest.raises(ValueError, match="KV cache length"):
+        model(ids(T=9), cache=model.new_cache(2, 8))
+    with pytest.raises(ValueError, match="max_seq_len"):
+        model.generate(ids(T=60), 10)
+
+
+def test_bfloat16_model_runs_and_keeps_rope_complex():
+    model = tiny_model().to(torch.bfloat16)
+    out = model(ids(T=12))
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert model.freqs_cis.is_complex()
+
+
+# --- the gate -------------------------------------------------------------------------------------------------
+def make_gate(**changes) -> Gate:
+    cfg = ModelConfig.preset("toy", **{**TINY, **changes})
+    gate = Gate(cfg)
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    return gate
+
+
+def test_bias_changes_selection_but_not_the_gating_weights():
+    gate = make_gate(n_expert_groups=1, n_limited_groups=1, route_scale=1.0)
+    x = torch.randn(16, 64)
+    scores = torch.sigmoid(x @ gate.weight.T)
+    gate.e_score_correction_bias[5] = 10.0  # expert 5 always wins selection
+    weights, indices = gate(x, seq_len=16)
+    assert (indices == 5).any(dim=1).all()
+    chosen = scores.gather(1, indices)
+    assert torch.allclose(weights, chosen / chosen.sum(1, keepdim=True), atol=1e-6)
+
+
+def test_group_limited_routing_and_routed_scaling():
+    gate = make_gate()  # 8 experts in 4 groups of 2, top-2 groups, top-2 experts, scale 2.5
+    gate.e_score_correction_bias.uniform_(-0.5, 0.5)
+    x = torch.randn(64, 64)
+    weights, indices = gate(x, seq_len=64)
+    biased = torch.sigmoid(x @ gate.weight.T) + gate.e_score_correction_bias
+    group_score = biased.view(64, 4, 2).topk(2, dim=-1).values.sum(-1)  # both experts of a group
+    kept = group_score.topk(2, dim=-1).indices
+    assert all(set((indices[t] // 2).tolist()) <= set(kept[t].tolist()) for t in range(64))
+    assert torch.allclose(weights.sum(-1), torch.full((64,), 2.5), atol=1e-5)
+
+
+def test_negative_biased_scores_never_pick_a_masked_group():
+    gate = make_gate(n_limited_groups=1)  # both chosen experts must come from the single kept group
+    gate.e_score_correction_bias.fill_(-5.0)  # every biased score is negative: a 0-filled mask would win
+    _, indices = gate(torch.randn(32, 64), seq_len=32)
+    assert torch.equal(indices[:, 0] // 2, indices[:, 1] // 2)
+
+
+def test_bias_update_moves_towards_balance():
+    gate = make_gate(n_expert_groups=1, n_limited_groups=1, bias_update_speed=0.01)
+    gate.last_load = torch.tensor([10.0, 0, 0, 0, 0, 0, 0, 6])  # mean 2
+    gate.update_bias()
+    assert gate.e_score_correction_bias[0] == pytest.approx(-0.01)
+    assert gate.e_score_correction_bias[1] == pytest.approx(0.01)
+    assert gate.e_score_correction_bias[7] == pytest.approx(-0.01)
+
+
+def test_sequence_balance_loss_matches_the_formula():
+    gate = make_gate(n_expert_groups=1, n_limited_groups=1, seq_aux_alpha=0.1).train()
+    x = torch.randn(2 * 5, 64)
+    _, indices = gate(x, seq_len=5)
+    s = torch.sigmoid(x @ gate.weight.T).view(2, 5, 8)
+    expected = 0.0
+    for b in range(2):
+        p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        counts = torch.bincount(indices.view(2, 5, 2)[b].flatten(), minlength=8).float()
+        f = counts * 8 / (2 * 5)
+        expected += 0.1 * (f * p).sum() / 2
+    assert gate.balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    gate.eval()
+    gate(x, seq_len=5)
+    assert gate.balance_loss is None
+
+
+def test_softmax_gate_has_no_bias():
+    gate = make_gate(score_func="softmax", n_expert_groups=1, n_limited_groups=1)
+    assert gate.e_score_correction_bias is None and "e_score_correction_bias" not in gate.state_dict()
+
+
+# --- RoPE and YaRN ----------------------------------------------------------------------------------------------
+def test_rope_scores_depend_only_on_relative_position():
+    cfg = ModelConfig.preset("toy")
+    freqs = precompute_freqs_cis(cfg, 64)
+    q, k = torch.randn(1, 1, 1, 16), torch.randn(1, 1, 1, 16)
+
+    def score(m, n):
+        return (apply_rotary_emb(q, freqs[m:m + 1]) * apply_rotary_emb(k, freqs[n:n + 1])).sum()
+
+    assert score(10, 3).item() == pytest.approx(score(40, 33).item(), rel=1e-4)
+
+
+def test_yarn_keeps_high_frequencies_and_interpolates_low_ones():
+    plain = ModelConfig.preset("v3", rope_factor=1.0)
+    yarn = ModelConfig.preset("v3")
+    base, scaled = rope_inv_freq(plain), rope_inv_freq(yarn)
+    low, high = yarn_ramp_range(yarn, 64)
+    assert (low, high) == (10, 23)  # V3: beta_fast 32, beta_slow 1 over 4096 positions
+    assert torch.allclose(scaled[:low], base[:low])
+    assert torch.allclose(scaled[high:], base[high:] / 40)
+    mid = scaled[low + 1:high] / base[low + 1:high]
+    assert ((mid < 1) & (mid > 1 / 40)).all() and (mid.diff() < 0).all()
