@@ -1,8 +1,22 @@
 """mini_deepseek: a readable DeepSeek-V3, from a laptop toy to the published 671B configuration."""
 
 from .config import PRESETS, ModelConfig
+from .data import (
+    TokenDataset,
+    arithmetic_problems,
+    arithmetic_text,
+    check_answer,
+    stdlib_corpus,
+    text_files_corpus,
+)
 from .model import DeepSeekV3
 from .params import ParamCount, count_params
+from .tokenizer import ByteTokenizer
+from .train import TrainConfig, latest_checkpoint, load_checkpoint, save_checkpoint, train
 
 __version__ = "0.1.0"
-__all__ = ["PRESETS", "DeepSeekV3", "ModelConfig", "ParamCount", "count_params", "__version__"]
+__all__ = [
+    "PRESETS", "ByteTokenizer", "DeepSeekV3", "ModelConfig", "ParamCount", "TokenDataset", "TrainConfig",
+    "__version__", "arithmetic_problems", "arithmetic_text", "check_answer", "count_params", "latest_checkpoint",
+    "load_checkpoint", "save_checkpoint", "stdlib_corpus", "text_files_corpus", "train",
+]

@@ -1,0 +1,154 @@
+import sysconfig
+
+import pytest
+import torch
+
+from mini_deepseek.data import (
+    TokenDataset,
+    arithmetic_problems,
+    arithmetic_text,
+    check_answer,
+    extract_answer,
+    make_problem,
+    stdlib_corpus,
+    text_files_corpus,
+)
+
+
+@pytest.mark.parametrize("kind, a, b, text", [
+    ("add", 37, 48, "Q: 37+48=? A: 7+8=15 carry 1; 3+4+1=8; so 85\n"),
+    ("add", 95, 17, "Q: 95+17=? A: 5+7=12 carry 1; 9+1+1=11 carry 1; so 112\n"),
+    ("add", 123, 9, "Q: 123+9=? A: 3+9=12 carry 1; 2+0+1=3; 1+0=1; so 132\n"),
+    ("sub", 52, 17, "Q: 52-17=? A: 12-7=5 borrow 1; 5-1-1=3; so 35\n"),
+    ("sub", 100, 99, "Q: 100-99=? A: 10-9=1 borrow 1; 10-9-1=0 borrow 1; 1-0-1=0; so 1\n"),
+    ("mul", 347, 6, "Q: 347*6=? A: 7*6=42 carry 4; 4*6+4=28 carry 2; 3*6+2=20 carry 2; so 2082\n"),
+])
+def test_worked_steps(kind, a, b, text):
+    problem = make_problem(kind, a, b)
+    assert problem.text == text
+    assert problem.prompt == text[:text.index("A:") + 2]
+    assert check_answer(problem.completion, problem.answer)
+
+
+def test_every_generated_problem_is_right():
+    ops = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+    problems = arithmetic_problems(600, seed=3, max_digits=4)
+    seen_ops = set()
+    for p in problems:
+        expression = p.prompt[len("Q: "):p.prompt.index("=")]
+        op = next(c for c in "+-*" if c in expression)
+        seen_ops.add(op)
+        a, b = map(int, expression.split(op))
+        assert p.answer == ops[op](a, b) >= 0
+        assert extract_answer(p.completion) == p.answer
+        # The worked steps end in the answer's last digit: the units column is computed first.
+        assert int(p.completion.split(";")[0].split("=")[1].split()[0]) % 10 == p.answer % 10
+    assert seen_ops == set("+-*")
+
+
+def test_generation_is_seeded():
+    assert arithmetic_text(50, seed=1) == arithmetic_text(50, seed=1)
+    assert arithmetic_text(50, seed=1) != arithmetic_text(50, seed=2)
+    only_mul = arithmetic_problems(20, seed=0, kinds=["mul"], max_digits=2)
+    assert all("*" in p.prompt and p.answer < 100 * 10 for p in only_mul)
+    plain = arithmetic_problems(5, seed=0, show_steps=False)
+    assert all(p.completion == f" {p.answer}\n" for p in plain)
+
+
+def test_answer_checking():
+    assert extract_answer(" 7+8=15 carry 1; 3+4+1=8; so 85\nQ: 1+1=? A: so 2") == 85
+    assert extract_answer(" 85 ") == 85
+    assert extract_answer(" no idea") is None
+    assert not check_answer(" so 84", 85)
+    assert not check_answer("", 85)
+
+
+@pytest.mark.parametrize("args, match", [
+    (("div", 4, 2), "unknown arithmetic kind"),
+    (("sub", 3, 5), "a >= b"),
+    (("mul", 3, 12), "single digit"),
+    (("add", -3, 5), "non-negative"),
+])
+def test_bad_problems(args, match):
+    with pytest.raises(ValueError, match=match):
+        make_problem(*args)
+    with pytest.raises(ValueError, match="kinds"):
+        arithmetic_problems(3, kinds=["pow"])
+
+
+def test_stdlib_corpus_reads_this_machines_standard_library():
+    text = stdlib_corpus(max_bytes=300_000)
+    assert 299_000 <= len(text.encode("utf-8")) <= 300_000
+    assert text == stdlib_corpus(max_bytes=300_000)
+    assert "def " in text and "import " in text
+    assert "\ufffd" not in stdlib_corpus(max_bytes=100_000, include_docs=False)
+
+
+def _make_tree(root, files):
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content.encode("utf-8") if isinstance(content, str) else content)
+
+
+def test_stdlib_corpus_order_and_what_it_skips(tmp_path, monkeypatch):
+    _make_tree(tmp_path, {"b.py": "B = 2\n", "a.py": "A = 1", "pkg/c.py": "C = 3\n", "NOTES.txt": "notes\n",
+                          "test/test_a.py": "skipped\n", "site-packages/lib.py": "skipped\n",
+                          "__pycache__/a.py": "skipped\n", "data.bin": b"\xff\x00"})
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path)})
+    assert stdlib_corpus(max_bytes=None) == "notes\nA = 1\nB = 2\nC = 3\n"
+    assert stdlib_corpus(max_bytes=None, include_docs=False) == "A = 1\nB = 2\nC = 3\n"
+    assert stdlib_corpus(max_bytes=9) == "notes\nA ="
+    monkeypatch.setattr(sysconfig, "get_paths", lambda: {"stdlib": str(tmp_path / "pkg" / "none")})
+    with pytest.raises(ValueError, match="no Python sources"):
+        stdlib_corpus()
+
+
+def test_text_files_corpus(tmp_path):
+    _make_tree(tmp_path, {"notes/b.md": "second\n", "notes/a.txt": "first\n", "notes/skip.bin": "binary\n",
+                          "one.csv": "x,y\n", "euro.txt": "€€", "empty.txt": " \n"})
+    assert text_files_corpus(tmp_path / "notes") == "first\nsecond\n"
+    assert text_files_corpus([tmp_path / "one.csv", str(tmp_path / "notes")]) == "x,y\nfirst\nsecond\n"
+    assert text_files_corpus(tmp_path / "notes", suffixes=[".bin"]) == "binary\n"
+    assert text_files_corpus(tmp_path / "euro.txt", max_bytes=4) == "€"  # never half a character
+    with pytest.raises(FileNotFoundError):
+        text_files_corpus(tmp_path / "missing.txt")
+    with pytest.raises(ValueError, match="no text"):
+        text_files_corpus(tmp_path / "empty.txt")
+
+
+def test_batches_are_windows_of_their_own_split():
+    dataset = TokenDataset(torch.arange(1000), val_fraction=0.2, seed=0)
+    assert dataset.splits["train"].numel() == 800 and len(dataset) == 1000
+    x, y = dataset.get_batch(5, batch_size=6, seq_len=16)
+    assert x.shape == y.shape == (6, 16) and x.dtype == torch.long
+    # With tokens = positions, a window is consecutive numbers and the targets are the inputs shifted by one.
+    assert torch.equal(y, x + 1) and torch.equal(x[:, 1:] - x[:, :-1], torch.ones(6, 15, dtype=torch.long))
+    assert int(y.max()) < 800
+    xv, yv = dataset.get_batch(5, batch_size=6, seq_len=16, split="val")
+    assert int(xv.min()) >= 800 and int(yv.max()) < 1000
+
+
+def test_batches_are_a_pure_function_of_seed_split_and_step():
+    tokens = torch.randint(0, 264, (5000,), generator=torch.Generator().manual_seed(0))
+    a, b = TokenDataset(tokens, seed=7), TokenDataset(tokens.clone(), seed=7)
+    later = a.get_batch(9, 4, 32)
+    a.get_batch(3, 4, 32)  # asking for other steps first changes nothing
+    assert all(torch.equal(u, v) for u, v in zip(later, b.get_batch(9, 4, 32), strict=True))
+    assert not torch.equal(a.get_batch(1, 4, 32)[0], a.get_batch(2, 4, 32)[0])
+    assert not torch.equal(TokenDataset(tokens, seed=0).get_batch(1, 4, 32)[0],
+                           TokenDataset(tokens, seed=1).get_batch(0, 4, 32)[0])
+
+
+def test_dataset_errors():
+    with pytest.raises(ValueError, match="non-empty 1-D"):
+        TokenDataset([])
+    with pytest.raises(ValueError, match="empty"):
+        TokenDataset.from_text("")
+    dataset = TokenDataset.from_text("x" * 100, val_fraction=0.1)
+    with pytest.raises(ValueError, match="too few for seq_len = 10"):
+        dataset.get_batch(0, 2, 10, split="val")
+    with pytest.raises(ValueError, match="split"):
+        dataset.get_batch(0, 2, 4, split="test")
+    with pytest.raises(ValueError, match="val_fraction"):
+        TokenDataset(torch.arange(10), val_fraction=1.0)
