@@ -1,5 +1,6 @@
 """mini_deepseek: a readable DeepSeek-V3, from a laptop toy to the published 671B configuration."""
 
+from .checkpoint import from_pretrained, save_pretrained
 from .config import PRESETS, ModelConfig
 from .data import (
     TokenDataset,
@@ -18,5 +19,6 @@ __version__ = "0.1.0"
 __all__ = [
     "PRESETS", "ByteTokenizer", "DeepSeekV3", "ModelConfig", "ParamCount", "TokenDataset", "TrainConfig",
     "__version__", "arithmetic_problems", "arithmetic_text", "check_answer", "count_params", "latest_checkpoint",
-    "load_checkpoint", "save_checkpoint", "stdlib_corpus", "text_files_corpus", "train",
+    "from_pretrained", "load_checkpoint", "save_checkpoint", "save_pretrained", "stdlib_corpus", "text_files_corpus",
+    "train",
 ]

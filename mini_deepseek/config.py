@@ -150,7 +150,11 @@ class ModelConfig:
 
     @property
     def softmax_scale(self) -> float:
-        """1/sqrt(d_qk), times mscale^2 under YaRN (DeepSeek's correction of attention entropy)."""
+        """1/sqrt(d_qk), times mscale^2 under YaRN (DeepSeek's correction of attention entropy).
+
+        m = mscale_all_dim, as transformers does; DeepSeek's inference code uses `mscale` (and only when its
+        max_seq_len exceeds original_seq_len). The published configs give both the same value.
+        """
         d = self.qk_head_dim if self.attn_type == "mla" else self.head_dim
         scale = d**-0.5
         if self.yarn and self.mscale_all_dim:
@@ -291,6 +295,13 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
         fields["q_lora_rank"] = 0  # HF writes null for "no query compression"
     if hf.get("n_routed_experts") is None:  # a dense-only model: keep the MoE fields valid but unused
         fields["n_dense_layers"] = fields.get("n_layers", 1)
+    # transformers reads first_k_dense_replace >= num_hidden_layers as "every layer dense" (its default is 3).
+    fields["n_dense_layers"] = min(fields.get("n_dense_layers", 1), fields.get("n_layers", 4))
+    for name, want in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if hf.get(name, want) != want:
+            raise ValueError(f"config.json {name} = {hf[name]!r} is not supported (only {want!r})")
+    if model_type == "deepseek_v2" and hf.get("moe_layer_freq", 1) != 1:
+        raise ValueError(f"config.json moe_layer_freq = {hf['moe_layer_freq']!r}: only 1 (every layer MoE) fits")
     if model_type == "deepseek_v2":
         fields.setdefault("score_func", "softmax")
         fields.setdefault("norm_topk_prob", False)
@@ -307,6 +318,8 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
         for theirs, ours in _HF_ROPE_NAMES.items():
             if rope.get(theirs) is not None:
                 fields[ours] = rope[theirs]
+        if rope.get("factor") is None and "original_max_position_embeddings" in rope:  # transformers' fallback
+            fields["rope_factor"] = hf["max_position_embeddings"] / rope["original_max_position_embeddings"]
         # HF: mscale/mscale_all_dim default to 1 only when given; absent means "no correction" (m = 0).
         fields.setdefault("mscale", 0.0)
         fields.setdefault("mscale_all_dim", 0.0)
@@ -318,7 +331,10 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
     for name in ("rope_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "rope_theta"):
         if name in fields:
             fields[name] = float(fields[name])
-    known = set(_HF_NAMES) | {"rope_scaling", "rope_parameters", "model_type"}
+    # head_dim, qk_head_dim and num_key_value_heads are derived (transformers writes num_key_value_heads = 128, its
+    # default, even for a 4-head model): dropped here, written afresh by to_hf.
+    known = set(_HF_NAMES) | {"rope_scaling", "rope_parameters", "model_type", "head_dim", "qk_head_dim",
+                              "num_key_value_heads"}
     fields["extra"] = {k: v for k, v in hf.items() if k not in known}
     return fields
 
@@ -333,6 +349,8 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     if cfg.q_lora_rank == 0:
         hf["q_lora_rank"] = None
     hf["head_dim"] = cfg.qk_rope_head_dim
+    # MLA has one key per query head; transformers would otherwise default num_key_value_heads to 128.
+    hf["num_key_value_heads"] = cfg.n_heads
     hf["rope_scaling"] = None
     if cfg.yarn:
         hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor,

@@ -69,7 +69,8 @@ class Gate(nn.Module):
         keep = group_scores.topk(self.topk_groups, dim=-1).indices  # [N, topk_groups]
         dropped = torch.ones_like(group_scores, dtype=torch.bool).scatter_(1, keep, False)
         # -inf, not 0: biased scores can be negative, and a masked expert must never win the top-k.
-        # (transformers fills 0.0 here; the two agree whenever the kept experts' biased scores are positive.)
+        # (DeepSeek's inference code and transformers 5's DeepSeek-V3 do the same; transformers 4.x filled 0.0, which
+        # agrees only while the kept experts' biased scores stay positive.)
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, -1)
 
     def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, seq_len: int) -> torch.Tensor:

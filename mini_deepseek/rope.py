@@ -13,7 +13,12 @@ Differences from the references, on purpose:
   Hugging Face checkpoints give the same logits; for the published V3 config both agree at long context.
 - The published weights rotate interleaved pairs (2i, 2i+1), as we do. transformers de-interleaves the rope dims
   before a rotate-half rotation: the same rotation on a permuted basis, so attention scores are identical but the
-  rope keys sit in the cache in a different order.
+  rope keys sit in the cache in a different order. A transformers config with `rope_interleave: false` means
+  weights whose rope rows are already in rotate-half order; checkpoint.py permutes them back on load.
+- Magnitudes under YaRN: transformers multiplies cos/sin by attention_factor = mscale(s, mscale) /
+  mscale(s, mscale_all_dim) and the softmax scale by mscale(s, mscale_all_dim)^2; DeepSeek's inference code has
+  no mscale_all_dim, leaves cos/sin at magnitude 1 and uses mscale(s, mscale)^2. We follow transformers; with
+  mscale == mscale_all_dim (V3: both 1.0, V2: both 0.707) all three agree.
 """
 
 from __future__ import annotations
