@@ -1,0 +1,67 @@
+"""The backend switch: chosen at import from the environment, switchable at run time."""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from kernels import reference as R
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def import_kernels(env: dict[str, str], prelude: str = "") -> list[str]:
+    """Import kernels in a fresh interpreter; returns [backend, TRITON_INTERPRET, triton imported?, warnings]."""
+    code = textwrap.dedent(prelude) + textwrap.dedent("""
+        import os, sys, warnings
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import kernels
+        print(kernels.backend(), os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules,
+              "|".join(str(w.message) for w in caught), sep="\\n")
+    """)
+    clean = {k: v for k, v in os.environ.items() if k not in ("MINI_DEEPSEEK_KERNELS", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], env=clean | env | {"PYTHONPATH": str(ROOT)},
+                         capture_output=True, text=True, check=True, cwd=ROOT)
+    return out.stdout.splitlines()
+
+
+def test_env_var_selects_torch_without_importing_triton():
+    backend, _, triton_imported, _ = import_kernels({"MINI_DEEPSEEK_KERNELS": "torch"})
+    assert backend == "torch" and triton_imported == "False"
+
+
+def test_without_triton_falls_back_to_torch_with_a_notice():
+    hide_triton = """
+        import importlib.util
+        find_spec = importlib.util.find_spec
+        importlib.util.find_spec = lambda name, *a: None if name == "triton" else find_spec(name, *a)
+    """
+    backend, _, _, notice = import_kernels({}, hide_triton)
+    assert backend == "torch" and "Triton is not installed" in notice
+
+
+def test_cpu_with_triton_interprets():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the kernels compile")
+    backend, interpret, _, notice = import_kernels({})
+    assert (backend, interpret, notice) == ("interpret", "1", "")
+
+
+def test_set_backend_round_trip():
+    active = kernels.backend()
+    assert active in ("triton", "interpret", "torch")
+    try:
+        assert kernels.set_backend("torch") == "torch" == kernels.backend()
+        x = torch.randn(3, 200)
+        assert all(torch.equal(a, b) for a, b in zip(kernels.act_quant(x), R.act_quant(x), strict=True))
+    finally:
+        assert kernels.set_backend("torch" if active == "torch" else "triton") == active
+    with pytest.raises(ValueError, match="unknown kernels backend"):
+        kernels.set_backend("cuda")
