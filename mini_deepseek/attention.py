@@ -20,6 +20,11 @@ from .config import ModelConfig
 from .rope import apply_rotary_emb
 
 
+def causal_mask(T: int, S: int, start_pos: int, device=None) -> torch.Tensor:
+    """[T, S] bool: query i (at position start_pos + i) may see keys 0 .. start_pos + i."""
+    return torch.arange(S, device=device)[None, :] <= (start_pos + torch.arange(T, device=device))[:, None]
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, scale: float) -> torch.Tensor:
     """Causal attention of q [B, Hq, T, d] at positions start_pos.. over k [B, Hk, S, d], v [B, Hk, S, dv].
 
@@ -29,8 +34,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, sc
     causal, mask = False, None
     if T > 1 and S == T:
         causal = True
-    elif T > 1:  # a chunk after a cached prefix: query i (position start_pos + i) sees keys 0..start_pos + i
-        mask = torch.arange(S, device=q.device)[None, :] <= (start_pos + torch.arange(T, device=q.device))[:, None]
+    elif T > 1:  # a chunk after a cached prefix
+        mask = causal_mask(T, S, start_pos, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
                                           enable_gqa=q.shape[1] != k.shape[1])
 

@@ -21,9 +21,10 @@ Module names follow the published Hugging Face checkpoints (q_a_proj, kv_a_proj_
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, write_cache
+from .attention import attend, causal_mask, write_cache
 from .config import ModelConfig
 from .norm import RMSNorm
 from .rope import apply_rotary_emb
@@ -94,5 +95,11 @@ class MultiHeadLatentAttention(nn.Module):
         if cache is not None:
             key = write_cache(cache["latent"], key, start_pos)  # [B, 1, S, d_c + d_h^R]
         value = key[..., : self.kv_rank]  # the latent c_KV itself: W_UV is applied after attention
-        o_latent = attend(query, key, value, start_pos, self.softmax_scale)  # [B, H, T, d_c]
-        return torch.einsum("bhtc,hdc->bthd", o_latent, w_uv)  # [B, T, H, d_v]
+        # Every head reads the same single key/value "head", so the heads can become extra query rows (as FlashMLA
+        # does): one [T*H, S] attention instead of H copies of the shared keys. Row t*H + h is head h of token t.
+        B, H, T, D = query.shape
+        rows = query.transpose(1, 2).reshape(B, 1, T * H, D)  # [B, 1, T*H, d_c + d_h^R]
+        mask = None if T == 1 else causal_mask(T, key.shape[2], start_pos, query.device).repeat_interleave(H, dim=0)
+        o_latent = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=self.softmax_scale)
+        o_latent = o_latent.view(B, T, H, self.kv_rank)  # [B, 1, T*H, d_c] -> [B, T, H, d_c]
+        return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # [B, T, H, d_v]
