@@ -110,6 +110,9 @@ class RoutedExperts(nn.Module):
         flat = indices.flatten()  # slot s = token s // k, its (s % k)-th expert
         order = flat.argsort(stable=True)  # slots grouped by expert
         counts = torch.bincount(flat, minlength=self.w_gate_up.shape[0]).tolist()
+        # unbind once: indexing w[e] per expert would make autograd build (and sum) one full-size zero gradient
+        # per expert; unbind's backward stacks all expert gradients into a single tensor.
+        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
         y = torch.zeros_like(x)
         start = 0
         for e, n in enumerate(counts):
@@ -118,8 +121,8 @@ class RoutedExperts(nn.Module):
             slots = order[start:start + n]
             start += n
             tokens = slots // k
-            gate, up = F.linear(x[tokens], self.w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-            out = F.linear(F.silu(gate) * up, self.w_down[e])  # [n, dim]
+            gate, up = F.linear(x[tokens], w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
+            out = F.linear(F.silu(gate) * up, w_down[e])  # [n, dim]
             y.index_add_(0, tokens, out * weights.flatten()[slots, None])
         return y
 
