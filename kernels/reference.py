@@ -65,8 +65,9 @@ def _block_view(w: torch.Tensor, block_size: int) -> torch.Tensor:
 
 
 def _unblock(blocks: torch.Tensor, N: int, K: int) -> torch.Tensor:
-    """Inverse of `_block_view`: [..., nN, bs, nK, bs] -> [..., N, K]."""
-    return blocks.flatten(-2).flatten(-3, -2)[..., :N, :K]
+    """Inverse of `_block_view`: [..., nN, bs, nK, bs] -> [..., N, K], contiguous like the kernels' outputs (a
+    strided weight would be copied by every kernel call that reads it)."""
+    return blocks.flatten(-2).flatten(-3, -2)[..., :N, :K].contiguous()
 
 
 def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ Our parameter names are the checkpoint's without the `model.` prefix, with two e
     layers.{i}.mlp.experts.w_gate_up [E,2I,D]   model.layers.{i}.mlp.experts.{e}.gate_proj.weight [I,D]  (rows :I)
                                                 model.layers.{i}.mlp.experts.{e}.up_proj.weight   [I,D]  (rows I:)
     layers.{i}.mlp.experts.w_down    [E,D,I]    model.layers.{i}.mlp.experts.{e}.down_proj.weight [D,I]
+    layers.{i}.mlp.experts.w_*_scale_inv        the experts' weight_scale_inv, stacked the same way (FP8)
     mtp.{k}.*                                   model.layers.{n_layers + k}.*
 
 The published MTP layer also repeats the embedding (`model.layers.{n}.embed_tokens.weight`) and the output head
@@ -21,7 +22,13 @@ published per-expert layout too (checkpoints written with `save_original_format=
 MTP weights: a checkpoint without any MTP key loads as a model without MTP modules.
 
 FP8 checkpoints (the published V3 weights) store Linear weights as float8_e4m3fn with a float32
-`weight_scale_inv` per 128x128 block; `dequantize_fp8` turns them back into `dtype` on load.
+`weight_scale_inv` per block (`quantization_config.weight_block_size`, 128 x 128). By default they are
+dequantized to `dtype` on load. With `fp8=True` the model is built with FP8 layers (fp8.py) and keeps them as
+they are, codes and scales; a weight the checkpoint holds in higher precision is then quantized. Stacking the
+experts keeps their scales exactly when moe_inter_dim is a multiple of the block (V3: 2048 = 16 x 128), or when
+gate and up share one block row (the toy preset); otherwise a block of the stack would mix gate and up rows
+with different scales, and the experts are quantized anew. save_pretrained writes an FP8 model in the
+published FP8 layout.
 
 Only safetensors files are read (never pickle), and lazily: a shard is opened only when it holds a tensor the
 model needs, so the first layers of a 671B checkpoint load on a laptop.
@@ -31,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import re
 import struct
@@ -43,14 +49,17 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from kernels.reference import FP8, cdiv, weight_dequant, weight_quant
+
 from .config import ModelConfig
+from .fp8 import fp8_block_size, quantize_to_fp8
 from .model import DeepSeekV3
 from .rope import precompute_freqs_cis
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-FP8_BLOCK = (128, 128)
+FP8_BLOCK = 128  # the block side when a checkpoint's quantization_config gives none
 
 _FP8_DTYPES = ("F8_E4M3", "F8_E5M2")
 _MAX_LISTED = 40  # keys listed per kind in an error message
@@ -58,21 +67,6 @@ _MAX_LISTED = 40  # keys listed per kind in an error message
 
 class CheckpointNotice(UserWarning):
     """A one-line notice about how a checkpoint was read (e.g. it has no MTP weights)."""
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# FP8 block dequantization. kernels/ will provide a fused `weight_dequant`; this plain-torch version is the reference.
-def dequantize_fp8(weight: torch.Tensor, scale_inv: torch.Tensor, block_size: tuple[int, int] = FP8_BLOCK,
-                   dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """weight [out, in] (float8) times its per-block scale_inv [ceil(out/b0), ceil(in/b1)] -> [out, in] in dtype."""
-    out_dim, in_dim = weight.shape
-    b0, b1 = block_size
-    expected = (math.ceil(out_dim / b0), math.ceil(in_dim / b1))
-    if tuple(scale_inv.shape) != expected:
-        raise ValueError(f"weight_scale_inv has shape {tuple(scale_inv.shape)}, expected {expected} for a weight "
-                         f"{tuple(weight.shape)} in {b0}x{b1} blocks")
-    scale = scale_inv.float().repeat_interleave(b0, dim=0)[:out_dim].repeat_interleave(b1, dim=1)[:, :in_dim]
-    return (weight.float() * scale).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -97,35 +91,65 @@ def _mtp_duplicates(n_layers: int, n_mtp: int) -> list[str]:
 
 
 def to_hf_state_dict(model: DeepSeekV3, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
-    """The model's tensors under the published checkpoint keys, per-expert weights split out.
+    """The model's tensors under the published checkpoint keys, per-expert weights (and FP8 scales) split out.
 
     Tensors may be views sharing storage (expert slices, the MTP layer's copies of the embedding and head); the
-    routing bias stays float32, other floating tensors are cast to dtype when given.
+    routing bias, FP8 codes and their scales keep their dtypes, other floating tensors are cast to dtype when given.
     """
     cfg = model.config
     n = cfg.n_layers
-    cast = (lambda t: t) if dtype is None else (lambda t: t.to(dtype) if t.is_floating_point() else t)
+    block = fp8_block_size(model)
+
+    def cast(name: str, t: torch.Tensor) -> torch.Tensor:
+        keep = dtype is None or not t.is_floating_point() or t.dtype == FP8 or \
+            name.endswith(("e_score_correction_bias", "_scale_inv"))
+        return t if keep else t.to(dtype)
+
     out: dict[str, torch.Tensor] = {}
     state = model.state_dict()
     for name, t in state.items():
         if name == "lm_head.weight" and cfg.tie_embeddings:
             continue  # tied: transformers saves only the embedding
-        if name.endswith("experts.w_gate_up") or name.endswith("experts.w_down"):
+        if name.endswith(("experts.w_gate_up_scale_inv", "experts.w_down_scale_inv")):
+            continue  # split out with their weights
+        if name.endswith(("experts.w_gate_up", "experts.w_down")):
             prefix = hf_key(name, n).rsplit(".", 1)[0]
+            projs = ("gate_proj", "up_proj") if name.endswith("w_gate_up") else ("down_proj",)
+            rows = [t.shape[1] // len(projs)] * len(projs)
+            scale = state.get(name + "_scale_inv")  # FP8 experts only
             for e in range(t.shape[0]):
-                if name.endswith("w_gate_up"):
-                    gate, up = t[e].chunk(2, dim=0)
-                    out[f"{prefix}.{e}.gate_proj.weight"] = cast(gate)
-                    out[f"{prefix}.{e}.up_proj.weight"] = cast(up)
-                else:
-                    out[f"{prefix}.{e}.down_proj.weight"] = cast(t[e])
+                for proj, w in zip(projs, t[e].split(rows), strict=True):
+                    out[f"{prefix}.{e}.{proj}.weight"] = cast(name, w)
+                if scale is None:
+                    continue
+                scales = _regroup_scales([scale[e]], [t.shape[1]], rows, block)
+                if scales is None:
+                    raise ValueError(f"{name}: moe_inter_dim = {rows[0]} is not a multiple of the FP8 block "
+                                     f"{block}, so blocks of the stacked experts mix gate and up rows, which the "
+                                     "per-expert checkpoint layout cannot express; save the model before "
+                                     "quantize_to_fp8")
+                for proj, s in zip(projs, scales, strict=True):
+                    out[f"{prefix}.{e}.{proj}.weight_scale_inv"] = s
             continue
-        out[hf_key(name, n)] = t if name.endswith("e_score_correction_bias") else cast(t)
+        out[hf_key(name, n)] = cast(name, t)
         if name.startswith("mtp.") and name.endswith(".shared_head.norm.weight"):  # the published copies
             layer = hf_key(name, n).split(".shared_head")[0]
-            out[f"{layer}.embed_tokens.weight"] = cast(state["embed_tokens.weight"])
-            out[f"{layer}.shared_head.head.weight"] = cast(state["lm_head.weight"])
+            out[f"{layer}.embed_tokens.weight"] = cast(name, state["embed_tokens.weight"])
+            out[f"{layer}.shared_head.head.weight"] = cast(name, state["lm_head.weight"])
     return out
+
+
+def _regroup_scales(scales: list[torch.Tensor], rows: list[int], new_rows: list[int],
+                    block: int) -> list[torch.Tensor] | None:
+    """Block scales of matrices stacked along their rows (heights `rows`) -> the block scales of the same rows cut
+    into heights `new_rows`: one expert's gate and up scales -> those of its w_gate_up, or back. None if a new
+    block would span rows with different scales."""
+    per_row = torch.cat([s.repeat_interleave(block, dim=0)[:n] for s, n in zip(scales, rows, strict=True)])
+    parts = per_row.split(new_rows)  # each [height, ceil(cols / block)]: the scale of every row's blocks
+    regrouped = [part[::block] for part in parts]
+    exact = all(torch.equal(r.repeat_interleave(block, dim=0)[:len(part)], part)
+                for r, part in zip(regrouped, parts, strict=True))
+    return regrouped if exact else None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -233,16 +257,23 @@ def _check_names(plan: list[_Entry], shards: _Shards, duplicates: set[str]) -> t
     return [f"{k} {list(_shape_of(plan, k))}" for k in missing], [f"{k} {_shape_str(shards.info(k))}" for k in unexpected]
 
 
-def _check_shapes(plan: list[_Entry], shards: _Shards, duplicates: dict[str, tuple[int, ...]]) -> tuple[list, list]:
-    """Mis-shaped keys, and FP8 weights without their scale, among the keys in shards whose header was read."""
+def _check_shapes(plan: list[_Entry], shards: _Shards, duplicates: dict[str, tuple[int, ...]],
+                  block: int) -> tuple[list, list]:
+    """Mis-shaped keys (block scales included), and FP8 weights without their scale, among the keys in shards whose
+    header was read."""
     misshaped, missing = [], []
     wanted = [(k, e.key_shape) for e in plan for k in e.keys] + list(duplicates.items())
     for key, shape in wanted:
-        info = shards.info(key)
+        info, scale = shards.info(key), shards.info(key + "_scale_inv")
         if info is None:
             continue
         if info[1] != shape:
             misshaped.append(f"{key}: checkpoint {list(info[1])}, model expects {list(shape)}")
+        if scale is not None:
+            blocks = (*info[1][:-2], *(cdiv(n, block) for n in info[1][-2:]))
+            if scale[1] != blocks:
+                misshaped.append(f"{key}_scale_inv: checkpoint {list(scale[1])}, expected {list(blocks)} for "
+                                 f"{block} x {block} blocks")
         if info[0] in _FP8_DTYPES and key + "_scale_inv" not in shards.file_of:
             missing.append(f"{key}_scale_inv")
     return misshaped, missing
@@ -263,42 +294,80 @@ def _format_keys(title: str, items: list[str]) -> str:
 
 
 def _read_state(plan: list[_Entry], cfg: ModelConfig, shards: _Shards, dtype: torch.dtype,
-                device: str | torch.device) -> dict[str, torch.Tensor]:
-    """Read, dequantize, cast and stack every planned tensor, opening each needed shard once."""
-    quant = cfg.extra.get("quantization_config") or {}
-    block = tuple(quant.get("weight_block_size") or FP8_BLOCK)
+                device: str | torch.device, fp8: set[str], block: int) -> dict[str, torch.Tensor]:
+    """Read, convert and stack every planned tensor, opening each needed shard once.
+
+    The tensors named in fp8 come with `{name}_scale_inv`: the checkpoint's E4M3 codes and scales as they are when
+    nothing needs rearranging, else quantized here. The others are dequantized (FP8) or cast to dtype.
+    """
     interleaved = cfg.extra.get("rope_interleave", True) is not False
     state: dict[str, torch.Tensor] = {}
     with contextlib.ExitStack() as stack:
         handles = {}
 
-        def read(key: str, out_dtype: torch.dtype) -> torch.Tensor:
+        def raw(key: str) -> torch.Tensor:
             file = shards.file_of[key]
             if file not in handles:
                 handles[file] = stack.enter_context(
                     safe_open(os.path.join(shards.folder, file), framework="pt", device=str(device)))
-            t = handles[file].get_tensor(key)
-            if key + "_scale_inv" in shards.file_of:  # block-scaled FP8 (the scale may sit in another shard)
-                return dequantize_fp8(t, read(key + "_scale_inv", torch.float32), block, out_dtype)
+            return handles[file].get_tensor(key)
+
+        def scale(key: str) -> torch.Tensor | None:
+            """The block scales of an FP8 key (they may sit in another shard); None for other keys."""
+            return raw(key + "_scale_inv").float() if key + "_scale_inv" in shards.file_of else None
+
+        def dense(key: str, out_dtype: torch.dtype) -> torch.Tensor:
+            t, s = raw(key), scale(key)
+            if s is not None:
+                return weight_dequant(t, s, block, out_dtype)
             return t.to(out_dtype) if t.is_floating_point() else t
 
-        for e in plan:
-            out_dtype = torch.float32 if e.name.endswith("e_score_correction_bias") else dtype
-            if e.kind == "copy":
-                if e.keys[0] not in shards.file_of:  # an optional key
-                    state[e.name] = torch.zeros(e.shape, dtype=out_dtype, device=device)
-                else:
-                    t = read(e.keys[0], out_dtype)
-                    state[e.name] = t if interleaved else _to_interleaved(e.name, t, cfg)
-                continue
+        def codes(key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+            """(E4M3 codes, scales) of a key stored that way; None for any other."""
+            s = scale(key)
+            t = None if s is None else raw(key)
+            return (t, s) if t is not None and t.dtype == FP8 else None
+
+        def dense_experts(e: _Entry, out_dtype: torch.dtype) -> torch.Tensor:
             stacked = torch.empty(e.shape, dtype=out_dtype, device=device)  # filled expert by expert
             for i, key in enumerate(e.keys):
                 if e.kind == "gate_up":  # keys alternate gate, up of expert i // 2: rows :I, then I:
                     inter = e.shape[1] // 2
-                    stacked[i // 2, (i % 2) * inter:(i % 2 + 1) * inter] = read(key, out_dtype)
+                    stacked[i // 2, (i % 2) * inter:(i % 2 + 1) * inter] = dense(key, out_dtype)
                 else:
-                    stacked[i] = read(key, out_dtype)
-            state[e.name] = stacked
+                    stacked[i] = dense(key, out_dtype)
+            return stacked
+
+        def fp8_pair(e: _Entry) -> tuple[torch.Tensor, torch.Tensor]:
+            if e.kind == "copy":
+                pair = codes(e.keys[0]) if interleaved or not e.name.endswith(_ROPE_WEIGHTS) else None
+                if pair is None:
+                    t = dense(e.keys[0], torch.float32)
+                    pair = weight_quant(t if interleaved else _to_interleaved(e.name, t, cfg), block)
+                return pair
+            per_expert = len(e.keys) // e.shape[0]  # gate and up, or down
+            stacked, scales = torch.empty(e.shape, dtype=FP8, device=device), []
+            for i in range(e.shape[0]):
+                pairs = [codes(k) for k in e.keys[i * per_expert:(i + 1) * per_expert]]
+                regrouped = None if any(p is None for p in pairs) else \
+                    _regroup_scales([s for _, s in pairs], [len(q) for q, _ in pairs], [e.shape[1]], block)
+                if regrouped is None:  # plain experts, or gate and up rows sharing blocks: quantize anew
+                    return weight_quant(dense_experts(e, torch.float32), block)
+                stacked[i] = torch.cat([q for q, _ in pairs])
+                scales += regrouped
+            return stacked, torch.stack(scales)
+
+        for e in plan:
+            out_dtype = torch.float32 if e.name.endswith("e_score_correction_bias") else dtype
+            if e.kind == "copy" and e.keys[0] not in shards.file_of:  # an optional key
+                state[e.name] = torch.zeros(e.shape, dtype=out_dtype, device=device)
+            elif e.name in fp8:
+                state[e.name], state[e.name + "_scale_inv"] = fp8_pair(e)
+            elif e.kind == "copy":
+                t = dense(e.keys[0], out_dtype)
+                state[e.name] = t if interleaved else _to_interleaved(e.name, t, cfg)
+            else:
+                state[e.name] = dense_experts(e, out_dtype)
     return state
 
 
@@ -309,6 +378,15 @@ def _resolve_folder(path: str | os.PathLike) -> str:
     if not os.path.exists(os.path.join(folder, CONFIG_NAME)):
         raise FileNotFoundError(f"{folder} has no {CONFIG_NAME}: expected a Hugging Face checkpoint folder")
     return folder
+
+
+def _fp8_block(cfg: ModelConfig) -> int:
+    """The side of the checkpoint's FP8 blocks (`quantization_config.weight_block_size`, square)."""
+    size = (cfg.extra.get("quantization_config") or {}).get("weight_block_size") or [FP8_BLOCK, FP8_BLOCK]
+    if len(size) != 2 or size[0] != size[1]:
+        raise ValueError(f"quantization_config.weight_block_size = {size}: only square blocks are supported "
+                         "(the published checkpoints use [128, 128])")
+    return size[0]
 
 
 def _config_dtype(cfg: ModelConfig) -> torch.dtype:
@@ -324,6 +402,9 @@ def _deinterleave_perm(rope_dim: int) -> torch.Tensor:
     return torch.stack([half, half + rope_dim // 2], dim=-1).flatten()
 
 
+_ROPE_WEIGHTS = ("q_b_proj.weight", "q_proj.weight", "kv_a_proj_with_mqa.weight")  # what _to_interleaved permutes
+
+
 def _to_interleaved(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """Permute the rope rows of the query and kv_a projections of a `rope_interleave: false` checkpoint."""
     perm = _deinterleave_perm(cfg.qk_rope_head_dim)
@@ -336,14 +417,15 @@ def _to_interleaved(name: str, t: torch.Tensor, cfg: ModelConfig) -> torch.Tenso
 
 
 def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
-                    n_layers: int | None = None, num_layers: int | None = None, mtp: bool = True,
+                    n_layers: int | None = None, num_layers: int | None = None, mtp: bool = True, fp8: bool = False,
                     **config_overrides) -> DeepSeekV3:
     """Load a Hugging Face DeepSeek-V3 checkpoint folder as a DeepSeekV3 model in eval mode.
 
     dtype: of the floating weights (default: the config's `dtype`/`torch_dtype`, else float32); FP8 weights are
-    dequantized to it; the routing bias stays float32. n_layers (alias num_layers): build only the first n
-    transformer layers, plus the final norm and head, without MTP; only the shards holding them are read.
-    mtp=False skips the MTP modules. Other keyword arguments override ModelConfig fields that keep the shapes
+    dequantized to it; the routing bias stays float32. fp8=True: build the model with FP8 layers (fp8.py) and keep
+    FP8 weights as they are; dtype is then that of the other weights and of the activations. n_layers (alias
+    num_layers): build only the first n transformer layers, plus the final norm and head, without MTP; only the
+    shards holding them are read. mtp=False skips the MTP modules. Other keyword arguments override ModelConfig fields that keep the shapes
     (e.g. max_seq_len=4096, mla_mode="absorb"). Missing, unexpected or mis-shaped keys raise a ValueError that
     lists them.
     """
@@ -353,6 +435,7 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     n_keep = n_layers if n_layers is not None else num_layers
     cfg = ModelConfig.from_hf(folder)
     n_full = cfg.n_layers
+    block = _fp8_block(cfg)
     if n_keep is not None and not 1 <= n_keep <= n_full:
         raise ValueError(f"n_layers = {n_keep}: the checkpoint has {n_full} layers")
     shards = _Shards(folder)
@@ -379,27 +462,33 @@ def from_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | None = None
     cfg = cfg.replace(**config_overrides)
     with torch.device("meta"):
         model = DeepSeekV3(cfg)
-    wanted = set(model.state_dict()) - ({"lm_head.weight"} if cfg.tie_embeddings else set())
+    if fp8:
+        quantize_to_fp8(model, block)
+    meta_state = model.state_dict()  # a scale `{name}_scale_inv` is read along with its FP8 weight `{name}`
+    fp8_names = {name for name, t in meta_state.items() if t.dtype == FP8}
+    wanted = {name for name in meta_state if not name.endswith("_scale_inv")}
+    wanted -= {"lm_head.weight"} if cfg.tie_embeddings else set()
     plan = [e for e in plan if e.name in wanted]
     if {e.name for e in plan} != wanted:
         raise ValueError(f"config overrides {sorted(config_overrides)} change the model's structure")
     for key in (k + suffix for e in plan for k in e.keys for suffix in ("", "_scale_inv")):
         if key in shards.file_of:
             shards.header(shards.file_of[key])
-    misshaped, missing_scales = _check_shapes(plan, shards, duplicates)
+    misshaped, missing_scales = _check_shapes(plan, shards, duplicates, block)
     missing += missing_scales
     if missing or unexpected or misshaped:
         parts = [_format_keys(title, items) for title, items in
                  (("missing keys", missing), ("unexpected keys", unexpected), ("mis-shaped keys", misshaped)) if items]
         raise ValueError(f"checkpoint {folder} does not match the model its config.json describes:\n" + "\n".join(parts))
 
-    state = _read_state(plan, cfg, shards, dtype or _config_dtype(cfg), device)
+    state = _read_state(plan, cfg, shards, dtype or _config_dtype(cfg), device, fp8_names, block)
     if cfg.tie_embeddings:
         state["lm_head.weight"] = state["embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    # The weights are dequantized and interleaved now: the config no longer describes an FP8 or rotate-half layout.
+    # The weights are interleaved now, and FP8 ones dequantized or held by FP8 layers that know their block size:
+    # the config no longer describes a rotate-half layout or a quantization.
     model.config = cfg.replace(extra={k: v for k, v in cfg.extra.items()
                                       if k not in ("quantization_config", "rope_interleave")})
     model.freqs_cis = precompute_freqs_cis(model.config).to(device)  # it was built on the meta device
@@ -435,7 +524,8 @@ def _shards_of(keys: Iterable[str], tensors: dict[str, torch.Tensor], limit: int
 def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, *, max_shard_size: int | str = "5GB",
                     dtype: torch.dtype | None = None) -> None:
     """Write model as config.json + safetensors in the published layout (sharded with an index when larger
-    than max_shard_size). dtype casts the floating weights (the routing bias stays float32)."""
+    than max_shard_size). dtype casts the floating weights (the routing bias stays float32). FP8 layers are written
+    as the published FP8 checkpoints hold them: `weight` codes, `weight_scale_inv` and a quantization_config."""
     limit = _parse_size(max_shard_size)
     folder = os.fspath(path)
     os.makedirs(folder, exist_ok=True)
@@ -445,6 +535,10 @@ def save_pretrained(model: DeepSeekV3, path: str | os.PathLike, *, max_shard_siz
     for key in ("quantization_config", "transformers_version", "_name_or_path"):
         hf.pop(key, None)
     hf["dtype"] = hf["torch_dtype"] = str(saved_dtype).removeprefix("torch.")
+    block = fp8_block_size(model)
+    if block is not None:
+        hf["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [block, block]}
     # Stale weight files of an earlier save would confuse a loader that lists the folder.
     for f in os.listdir(folder):
         if f in (WEIGHTS_NAME, INDEX_NAME) or re.fullmatch(r"model-\d{5}-of-\d{5}\.safetensors", f):

@@ -26,6 +26,7 @@ from torch import nn
 
 from .attention import attend, causal_mask, write_cache
 from .config import ModelConfig
+from .fp8 import dense_weight
 from .norm import RMSNorm
 from .rope import apply_rotary_emb
 
@@ -86,7 +87,8 @@ class MultiHeadLatentAttention(nn.Module):
         return attend(q, k, v, start_pos, self.softmax_scale).transpose(1, 2)  # [B, T, H, d_v]
 
     def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, cache) -> torch.Tensor:
-        w_ukv = self.kv_b_proj.weight.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
+        w_kv_b = dense_weight(self.kv_b_proj, q_nope.dtype)  # [H * (d_h + d_v), d_c], dequantized if FP8
+        w_ukv = w_kv_b.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_ukv.split([self.nope_dim, self.v_dim], dim=1)  # [H, d_h, d_c], [H, d_v, d_c]
         # q^C . (W_UK c) = (q^C W_UK) . c: the query moves into latent space, per head.
         q_latent = torch.einsum("bthd,hdc->bhtc", q_nope, w_uk)  # [B, H, T, d_c]

@@ -19,7 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import kernels
+
 from .config import ModelConfig
+from .kernel_switch import use_kernels
 from .mlp import MLP
 
 
@@ -96,6 +99,8 @@ class RoutedExperts(nn.Module):
 
     w_gate_up [E, 2I, dim] holds each expert's gate rows then up rows; w_down [E, dim, I]. The published
     checkpoints store per-expert `experts.{e}.gate_proj/up_proj/down_proj`; the checkpoint loader stacks them.
+    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as the loop below;
+    fp8.FP8RoutedExperts holds them in FP8.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
@@ -106,6 +111,9 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x), [N, dim]."""
+        # The fused kernel has no autograd: while gradients flow to these weights (training), take the loop.
+        if use_kernels(x) and not (torch.is_grad_enabled() and self.w_gate_up.requires_grad):
+            return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, indices)
         N, k = indices.shape
         flat = indices.flatten()  # slot s = token s // k, its (s % k)-th expert
         order = flat.argsort(stable=True)  # slots grouped by expert

@@ -12,14 +12,15 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mini_deepseek.checkpoint as ckpt
+from kernels.reference import weight_dequant
 from mini_deepseek import DeepSeekV3, ModelConfig
 from mini_deepseek.checkpoint import (
     CheckpointNotice,
-    dequantize_fp8,
     from_pretrained,
     read_safetensors_header,
     save_pretrained,
 )
+from mini_deepseek.fp8 import FP8Linear
 
 TINY = dict(vocab_size=96, dim=64, n_layers=3, n_dense_layers=1, inter_dim=96, moe_inter_dim=32, n_heads=4,
             max_seq_len=64, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
@@ -173,18 +174,6 @@ def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     return q.to(torch.float8_e4m3fn), scale
 
 
-def test_dequantize_fp8_blocks():
-    w = torch.randn(300, 200)
-    q, scale = quantize_fp8(w, 128)
-    assert scale.shape == (3, 2)  # ceil over sizes that are not multiples of 128
-    deq = dequantize_fp8(q, scale, dtype=torch.float32)
-    assert deq.shape == w.shape and deq.dtype == torch.float32
-    assert (deq - w).abs().max() <= 0.07 * w.abs().max()  # E4M3 keeps 3 mantissa bits
-    torch.testing.assert_close(deq[130:140, 5:9], q[130:140, 5:9].float() * scale[1, 0])
-    with pytest.raises(ValueError, match="weight_scale_inv"):
-        dequantize_fp8(q, scale[:2], dtype=torch.float32)
-
-
 def test_fp8_checkpoint(model, saved, tmp_path):
     tensors = load_file(saved / "model.safetensors")
     block = 32  # a small block so the tiny matrices span several blocks, some of them partial
@@ -211,10 +200,10 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     assert "quantization_config" not in loaded.config.extra
     I = model.config.moe_inter_dim
     q, s = fp8["model.layers.2.mlp.experts.5.up_proj.weight"], fp8["model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"]
-    torch.testing.assert_close(loaded.layers[2].mlp.experts.w_gate_up[5, I:], dequantize_fp8(q, s, (block, block), torch.float32))
+    torch.testing.assert_close(loaded.layers[2].mlp.experts.w_gate_up[5, I:], weight_dequant(q, s, block, torch.float32))
     q, s = fp8[kv + ".weight"], fp8[kv + ".weight_scale_inv"]
     torch.testing.assert_close(loaded.layers[1].self_attn.kv_a_proj_with_mqa.weight,
-                               dequantize_fp8(q, s, (block, block), torch.float32))
+                               weight_dequant(q, s, block, torch.float32))
     assert loaded.mtp[0].eh_proj.weight.dtype == torch.float32
 
     original = model.layers[1].self_attn.kv_a_proj_with_mqa.weight
@@ -223,7 +212,7 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     # the same logits as the checkpoint dequantized beforehand
     plain = tmp_path / "dequantized"
     plain.mkdir()
-    dequantized = {k: dequantize_fp8(t, fp8[k + "_scale_inv"], (block, block), torch.float32)
+    dequantized = {k: weight_dequant(t, fp8[k + "_scale_inv"], block, torch.float32)
                    if t.dtype == torch.float8_e4m3fn else t for k, t in fp8.items() if not k.endswith("_scale_inv")}
     save_file(dequantized, plain / "model.safetensors", metadata={"format": "pt"})
     (plain / "config.json").write_text((saved / "config.json").read_text())
@@ -232,6 +221,21 @@ def test_fp8_checkpoint(model, saved, tmp_path):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert from_pretrained(tmp_path).embed_tokens.weight.dtype == torch.bfloat16  # default: the config's dtype
 
+    # fp8=True keeps the codes and scales as stored, the experts' stacked in our layout
+    kept = from_pretrained(tmp_path, fp8=True)
+    layer = kept.layers[1].self_attn.kv_a_proj_with_mqa
+    assert isinstance(layer, FP8Linear) and layer.block_size == block
+    assert torch.equal(layer.weight.view(torch.uint8), fp8[kv + ".weight"].view(torch.uint8))
+    assert torch.equal(layer.weight_scale_inv, fp8[kv + ".weight_scale_inv"])
+    experts, up = kept.layers[2].mlp.experts, "model.layers.2.mlp.experts.5.up_proj"
+    assert torch.equal(experts.w_gate_up[5, I:].view(torch.uint8), fp8[up + ".weight"].view(torch.uint8))
+    assert torch.equal(experts.w_gate_up_scale_inv[5, I // block:], fp8[up + ".weight_scale_inv"])
+
+    fp8[kv + ".weight_scale_inv"] = torch.ones(1, 2)
+    save_file(fp8, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"kv_a_proj_with_mqa.weight_scale_inv: checkpoint \[1, 2\], expected "
+                                         r"\[2, 2\] for 32 x 32 blocks"):
+        from_pretrained(tmp_path)
     del fp8[kv + ".weight_scale_inv"]
     save_file(fp8, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing keys \(1\):\n    .*kv_a_proj_with_mqa.weight_scale_inv"):

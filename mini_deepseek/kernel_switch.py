@@ -1,0 +1,37 @@
+"""Whether the library runs its FP8 layers and MoE layers through the `kernels` package: one switch.
+
+`kernels.backend()` decides *how* a kernel runs (compiled Triton on a GPU, Triton's interpreter on a CPU, or
+plain PyTorch); this switch decides *whether* the library calls the kernels at all:
+
+    mini_deepseek.set_kernels("auto")  # the default: the kernels when compiled Triton runs them and x is on the GPU
+    mini_deepseek.set_kernels("on")    # always (on a CPU with Triton, interpreted: slow, but it steps through them)
+    mini_deepseek.set_kernels("off")   # never: the MoE loop over experts, and `kernels.reference` for FP8 layers
+
+"auto" leaves the interpreter out because it takes tens to hundreds of milliseconds per kernel call: right for
+reading and testing the kernels, far too slow to train or generate on a laptop. Without the kernels, FP8 layers
+still quantize their inputs and multiply in blocks: `kernels.reference` is the same arithmetic in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+import kernels
+
+_MODES = ("auto", "on", "off")
+_mode = "auto"
+
+
+def set_kernels(mode: str) -> None:
+    """"auto", "on" or "off": see the module docstring."""
+    global _mode
+    if mode not in _MODES:
+        raise ValueError(f"set_kernels({mode!r}): choose one of {', '.join(map(repr, _MODES))}")
+    _mode = mode
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether an operation on x goes through `kernels` rather than plain PyTorch."""
+    if _mode == "auto":
+        return kernels.backend() == "triton" and x.is_cuda
+    return _mode == "on"

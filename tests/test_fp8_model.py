@@ -1,0 +1,295 @@
+"""The library on the kernels: FP8 forward passes of the toy and small presets against the plain model, fused_moe
+against the expert loop, FP8 checkpoints kept in FP8, absorbed MLA over an FP8 kv_b_proj, and what FP8 layers
+refuse to do.
+
+Tests run the kernels' plain-PyTorch backend (the interpreter is slow); one runs the toy preset through the Triton
+kernels, interpreted on a CPU. Models have the library's own initialisation (normal, std 0.02).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import kernels
+from mini_deepseek import (
+    DeepSeekV3,
+    FP8Linear,
+    FP8RoutedExperts,
+    ModelConfig,
+    from_pretrained,
+    quantize_to_fp8,
+    save_pretrained,
+    set_kernels,
+)
+from mini_deepseek.mla import MultiHeadLatentAttention
+from mini_deepseek.moe import RoutedExperts
+
+FP8 = torch.float8_e4m3fn
+
+
+@pytest.fixture(autouse=True)
+def torch_kernels():
+    """The kernels' plain-PyTorch backend and the switch's default, whatever a test changes."""
+    previous = kernels.backend()
+    kernels.set_backend("torch")
+    yield
+    set_kernels("auto")
+    kernels.set_backend("torch" if previous == "torch" else "triton")
+
+
+def preset_model(name: str, **overrides) -> DeepSeekV3:
+    torch.manual_seed(0)
+    return DeepSeekV3(ModelConfig.preset(name, **overrides)).eval()
+
+
+def ids(batch: int = 2, seq: int = 48) -> torch.Tensor:
+    return torch.randint(0, 264, (batch, seq), generator=torch.Generator().manual_seed(1))
+
+
+def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype, k
+        bits = (lambda t: t.view(torch.uint8)) if sa[k].dtype == FP8 else (lambda t: t)  # NaN-free, -0 != +0
+        assert torch.equal(bits(sa[k]), bits(sb[k])), k
+
+
+@pytest.fixture(scope="module", params=["toy", "small"])
+def models(request) -> tuple[str, DeepSeekV3, DeepSeekV3]:
+    plain = preset_model(request.param)
+    return request.param, plain, quantize_to_fp8(copy.deepcopy(plain))
+
+
+# --- FP8 forward ----------------------------------------------------------------------------------------------------
+def test_quantize_to_fp8_replaces_what_deepseek_quantizes(models):
+    _, plain, fp8 = models
+    assert isinstance(fp8.lm_head, nn.Linear) and fp8.embed_tokens.weight.dtype == torch.float32
+    assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.layers.modules())
+    assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.mtp.modules())
+    attn = fp8.layers[0].self_attn
+    assert isinstance(attn.kv_b_proj, FP8Linear) and attn.kv_b_proj.weight.dtype == FP8
+    out_features, in_features = plain.layers[0].self_attn.kv_b_proj.weight.shape  # toy: 256 x 64
+    assert attn.kv_b_proj.weight_scale_inv.shape == (-(out_features // -128), -(in_features // -128))
+    experts = fp8.layers[1].mlp.experts
+    assert isinstance(experts, FP8RoutedExperts) and fp8.layers[1].mlp.gate.weight.dtype == torch.float32
+    E, two_i, dim = plain.layers[1].mlp.experts.w_gate_up.shape
+    assert experts.w_gate_up_scale_inv.shape == (E, -(two_i // -128), -(dim // -128))
+    assert not fp8.training and not any(p.requires_grad for m in fp8.layers for p in m.parameters()
+                                        if p.dtype == FP8)
+
+
+def test_fp8_linear_error_is_fp8_rounding():
+    # E4M3 keeps 3 mantissa bits: a relative rounding error up to 2^-4 per operand, about 2.5% rms for normal
+    # data; weight and activation together give about 3.6%.
+    torch.manual_seed(0)
+    linear = nn.Linear(300, 200, bias=False)  # partial blocks on both sides
+    x = torch.randn(4, 5, 300)
+    with torch.no_grad():
+        error = relative_error(FP8Linear.from_linear(linear)(x), linear(x))
+    assert 0.02 < error < 0.05
+
+
+# Measured (seed 0, 2 x 48 tokens): toy 8.5%, small 12.8% relative error of the logits, top-1 agreement 94%, 91%.
+# Each FP8 GEMM adds ~3.6% noise, and the near-tied routing scores of a random model then send some tokens to other
+# experts (toy: 1-9% of the tokens per MoE layer, small: 10-25%). The bounds leave a margin for other seeds.
+# Trained for 150 steps on arithmetic text, the same presets give 1.3% and 1.2%, top-1 agreement 98.8% and 98.6%,
+# and a validation loss within 0.1% of the plain model's.
+BOUNDS = {"toy": (0.15, 0.85), "small": (0.2, 0.7)}
+
+
+def test_fp8_forward_close_to_plain(models):
+    name, plain, fp8 = models
+    x = ids()
+    with torch.no_grad():
+        ref, out = plain(x), fp8(x)
+    error, agree = relative_error(out, ref), (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
+    print(f"{name}: FP8 vs plain logits: relative error {error:.3f}, max abs {(out - ref).abs().max():.3f} "
+          f"(logits std {ref.std():.3f}), top-1 agreement {agree:.1%}")
+    max_error, min_agree = BOUNDS[name]
+    assert error < max_error and agree > min_agree
+
+
+# --- fused_moe --------------------------------------------------------------------------------------------------------
+def test_fused_moe_equals_the_expert_loop_and_training_takes_the_loop(models, monkeypatch):
+    _, plain, _ = models
+    calls = []
+    fused_moe = kernels.fused_moe
+    monkeypatch.setattr(kernels, "fused_moe", lambda *a, **k: calls.append(1) or fused_moe(*a, **k))
+    x = ids()
+    with torch.no_grad():
+        set_kernels("off")
+        loop = plain(x)
+        assert not calls
+        set_kernels("on")
+        fused = plain(x)
+    assert len(calls) == sum(isinstance(m, RoutedExperts) for m in plain.layers.modules())
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
+
+    # The kernel has no autograd: with gradients wanted the loop runs, and the experts get their gradients.
+    calls.clear()
+    model = copy.deepcopy(plain).train()
+    loss, _ = model.loss(x, x)
+    loss.backward()
+    assert not calls and model.layers[1].mlp.experts.w_gate_up.grad.abs().sum() > 0
+
+
+def test_interpreted_triton_kernels_on_the_toy_preset():
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the kernels compile (test_compiled_kernels_on_the_gpu)")
+    plain = preset_model("toy")
+    fp8 = quantize_to_fp8(copy.deepcopy(plain))
+    x = ids(1, 16)
+    with torch.no_grad():
+        set_kernels("off")
+        ref_plain, ref_fp8 = plain(x), fp8(x)
+        kernels.set_backend("triton")  # interpreted
+        set_kernels("on")
+        out_plain, out_fp8 = plain(x), fp8(x)
+    torch.testing.assert_close(out_plain, ref_plain, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out_fp8, ref_fp8, rtol=1e-4, atol=1e-4)  # float32 summation order only
+
+
+def test_every_path_runs_with_the_plain_pytorch_backend():
+    plain = preset_model("toy", max_seq_len=32)
+    fp8 = quantize_to_fp8(copy.deepcopy(plain))
+    prompt = ids(2, 4)
+    for mode in ("auto", "on", "off"):
+        set_kernels(mode)
+        for model in (plain, fp8):
+            assert model.generate(prompt, 3).shape == (2, 7)
+    with pytest.raises(ValueError, match="choose one of 'auto', 'on', 'off'"):
+        set_kernels("triton")
+
+
+# --- absorbed MLA ---------------------------------------------------------------------------------------------------
+def test_absorbed_mla_dequantizes_an_fp8_kv_b_proj():
+    cfg = ModelConfig.preset("toy")
+    torch.manual_seed(0)
+    mla = MultiHeadLatentAttention(cfg).eval()
+    for layer in (mla.q_a_proj, mla.q_b_proj, mla.kv_a_proj_with_mqa, mla.kv_b_proj, mla.o_proj):
+        nn.init.normal_(layer.weight, std=0.05)
+    mla.kv_b_proj = FP8Linear.from_linear(mla.kv_b_proj)
+    dense = copy.deepcopy(mla)  # the same weights, kv_b_proj held as an ordinary Linear
+    dense.kv_b_proj = nn.Linear(cfg.kv_lora_rank, mla.kv_b_proj.out_features, bias=False)
+    dense.kv_b_proj.weight.data = mla.kv_b_proj.dequantized_weight(torch.float32)
+    x, freqs = torch.randn(2, 10, cfg.dim), DeepSeekV3(cfg).rope(0, 10, "cpu")
+    with torch.no_grad():
+        mla.mode = dense.mode = "absorb"
+        absorbed = mla(x, freqs)
+        torch.testing.assert_close(absorbed, dense(x, freqs), rtol=1e-5, atol=1e-6)
+        mla.mode = "naive"
+        naive = mla(x, freqs)
+    # Naive mode quantizes c_KV on its way into kv_b_proj; absorbed mode, like DeepSeek's inference code, multiplies
+    # by the dequantized weight: the two differ by one activation quantization.
+    error = relative_error(absorbed, naive)
+    print(f"absorbed vs naive MLA with an FP8 kv_b_proj: relative error {error:.4f}")
+    assert error < 0.03
+
+
+# --- what FP8 layers refuse -------------------------------------------------------------------------------------------
+def test_fp8_model_cannot_be_trained_or_cast():
+    fp8 = quantize_to_fp8(preset_model("toy"))
+    x = ids(1, 8)
+    with pytest.raises(RuntimeError, match="forward-only.*train the plain model and quantize it afterwards"):
+        fp8.train().loss(x, x)
+    with torch.no_grad():
+        fp8(x)  # training mode without gradients is fine
+    with pytest.raises(TypeError, match=r"FP8Linear.weight is torch.bfloat16.*Cast the model before quantize_to_fp8"):
+        fp8.eval().bfloat16()(x)
+    with pytest.raises(ValueError, match="no bias"):
+        FP8Linear.from_linear(nn.Linear(4, 4))
+
+
+# --- checkpoints ------------------------------------------------------------------------------------------------------
+def test_fp8_checkpoint_round_trip(models, tmp_path):
+    name, plain, fp8 = models
+    save_pretrained(fp8, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"] == {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                             "weight_block_size": [128, 128]}
+    cfg = plain.config
+    with safe_open(tmp_path / "model.safetensors", "pt") as f:  # the published FP8 layout
+        up = f.get_slice("model.layers.1.mlp.experts.3.up_proj.weight")
+        scale = f.get_slice("model.layers.1.mlp.experts.3.up_proj.weight_scale_inv")
+        assert (up.get_dtype(), up.get_shape()) == ("F8_E4M3", [cfg.moe_inter_dim, cfg.dim])
+        assert (scale.get_dtype(), scale.get_shape()) == ("F32", [1, cfg.dim // 128])
+        assert f.get_slice("model.embed_tokens.weight").get_dtype() == "F32"
+        assert "model.layers.1.mlp.gate.weight_scale_inv" not in f.keys()
+
+    loaded = from_pretrained(tmp_path, fp8=True)  # kept in FP8: the same codes and scales, the same logits
+    assert_same_state(loaded, fp8)
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fp8(x))
+        dequantized = from_pretrained(tmp_path)  # the default: dequantized on load, as close to plain as FP8 is
+        assert dequantized.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float32
+        assert relative_error(dequantized(x), plain(x)) < BOUNDS[name][0]
+
+
+def test_plain_checkpoint_loads_quantized(tmp_path):
+    plain = preset_model("toy")
+    save_pretrained(plain, tmp_path)
+    assert "quantization_config" not in json.loads((tmp_path / "config.json").read_text())
+    assert_same_state(from_pretrained(tmp_path, fp8=True), quantize_to_fp8(plain))
+
+
+def test_experts_whose_blocks_mix_gate_and_up(tmp_path):
+    # moe_inter_dim 48 in 32-row blocks: stacked, rows 32..63 of w_gate_up hold gate rows 32..47 and up rows 0..15,
+    # which the per-expert layout scales separately.
+    plain = preset_model("toy", moe_inter_dim=48)
+    with pytest.raises(ValueError, match="moe_inter_dim = 48 is not a multiple of the FP8 block 32"):
+        save_pretrained(quantize_to_fp8(copy.deepcopy(plain), 32), tmp_path)
+
+    # A per-expert FP8 checkpoint of that shape loads with its experts quantized anew, the rest kept as stored.
+    save_pretrained(plain, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    for key in [k for k, t in tensors.items() if t.dim() == 2 and "_proj." in k]:
+        tensors[key], tensors[key + "_scale_inv"] = kernels.weight_quant(tensors[key], 32)
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                     "weight_block_size": [32, 32]}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = from_pretrained(tmp_path, fp8=True)
+    kv = "model.layers.0.self_attn.kv_b_proj.weight"
+    assert torch.equal(loaded.layers[0].self_attn.kv_b_proj.weight.view(torch.uint8), tensors[kv].view(torch.uint8))
+    experts = loaded.layers[1].mlp.experts
+    stacked = from_pretrained(tmp_path).layers[1].mlp.experts.w_gate_up  # dequantized from the file
+    q, s = kernels.weight_quant(stacked, 32)
+    assert torch.equal(experts.w_gate_up.view(torch.uint8), q.view(torch.uint8))
+    assert torch.equal(experts.w_gate_up_scale_inv, s)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_kernels_on_the_gpu():
+    kernels.set_backend("triton")  # compiled: "auto" now sends CUDA tensors through the kernels
+    plain = preset_model("small").cuda()
+    x = ids().cuda()
+    with torch.no_grad():
+        set_kernels("off")
+        loop = plain(x)
+        set_kernels("auto")
+        torch.testing.assert_close(plain(x), loop, rtol=1e-4, atol=1e-4)  # fused_moe, float32
+        if torch.cuda.get_device_capability() < (8, 9):
+            pytest.skip("FP8 kernels need compute capability 8.9+")
+        fp8 = quantize_to_fp8(copy.deepcopy(plain))
+        set_kernels("off")
+        reference = fp8(x)
+        set_kernels("auto")
+        out = fp8(x)
+    # the same FP8 arithmetic; float32 sums in another order can move an activation across an E4M3 rounding tie
+    assert relative_error(out, reference) < 1e-2
