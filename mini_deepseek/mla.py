@@ -96,12 +96,13 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).unsqueeze(1)  # [B, 1, T, d_c + d_h^R]
         if cache is not None:
             key = write_cache(cache["latent"], key, start_pos)  # [B, 1, S, d_c + d_h^R]
-        value = key[..., : self.kv_rank]  # the latent c_KV itself: W_UV is applied after attention
         # Every head reads the same single key/value "head", so the heads can become extra query rows (as FlashMLA
         # does): one [T*H, S] attention instead of H copies of the shared keys. Row t*H + h is head h of token t.
+        # The value is the latent c_KV itself (W_UV comes after attention). Passing the whole key as the value
+        # keeps q, k and v equally wide, which PyTorch's fused CPU attention needs; the rope dims are dropped after.
         B, H, T, D = query.shape
         rows = query.transpose(1, 2).reshape(B, 1, T * H, D)  # [B, 1, T*H, d_c + d_h^R]
         mask = None if T == 1 else causal_mask(T, key.shape[2], start_pos, query.device).repeat_interleave(H, dim=0)
-        o_latent = F.scaled_dot_product_attention(rows, key, value, attn_mask=mask, scale=self.softmax_scale)
-        o_latent = o_latent.view(B, T, H, self.kv_rank)  # [B, 1, T*H, d_c] -> [B, T, H, d_c]
+        o_latent = F.scaled_dot_product_attention(rows, key, key, attn_mask=mask, scale=self.softmax_scale)
+        o_latent = o_latent[..., : self.kv_rank].reshape(B, T, H, self.kv_rank)  # [B, 1, T*H, d_c] -> [B, T, H, d_c]
         return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # [B, T, H, d_v]

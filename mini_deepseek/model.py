@@ -106,7 +106,10 @@ class DeepSeekV3(nn.Module):
             mtp = torch.stack([_cross_entropy(lg, targets[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]).mean()
             total = total + self.config.mtp_loss_weight * mtp
             parts["mtp"] = mtp.item()
-        balance = [g.balance_loss for g in self.gates() if g.balance_loss is not None]
+        gates = self.gates()
+        balance = [g.balance_loss for g in gates if g.balance_loss is not None]
+        for gate in gates:
+            gate.balance_loss = None  # handed over: the module keeps no reference to this step's graph
         if balance:
             balance_loss = torch.stack(balance).sum()
             total = total + balance_loss

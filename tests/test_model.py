@@ -1,3 +1,4 @@
+import copy
 import math
 
 import pytest
@@ -89,6 +90,8 @@ def test_loss_combines_lm_mtp_and_balance_terms():
     assert parts["lm"] == pytest.approx(math.log(264), abs=0.2)  # untrained: about uniform
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
+    assert all(g.balance_loss is None for g in model.gates())  # no graph kept alive: the model deep-copies
+    copy.deepcopy(model)
 
 
 def test_training_a_few_steps_learns_a_repeated_sequence():
