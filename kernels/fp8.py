@@ -113,28 +113,32 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NK, BLOCK_M: tl.constexpr, BLOC
 
 
 @triton.jit
-def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
+def _weight_block(N, K, BLOCK: tl.constexpr):
+    """This program's BLOCK x BLOCK block of a [batch, N, K] weight: element offsets, in-bounds mask, scale index."""
     pid_n, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     rows = pid_n * BLOCK + tl.arange(0, BLOCK)
     cols = pid_k * BLOCK + tl.arange(0, BLOCK)
     mask = (rows[:, None] < N) & (cols[None, :] < K)
     offs = batch.to(tl.int64) * N * K + rows[:, None].to(tl.int64) * K + cols[None, :]
+    scale_idx = (batch * tl.num_programs(0) + pid_n) * tl.num_programs(1) + pid_k
+    return offs, mask, scale_idx
+
+
+@triton.jit
+def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
+    offs, mask, scale_idx = _weight_block(N, K, BLOCK)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK, BLOCK]
     bad = tl.max(tl.max(_nonfinite(w), axis=1), axis=0) > 0
     s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), bad)  # one scale for the whole block
     tl.store(q_ptr + offs, _quantize(w, s, bad), mask=mask)
-    tl.store(s_ptr + (batch * tl.num_programs(0) + pid_n) * tl.num_programs(1) + pid_k, s)
+    tl.store(s_ptr + scale_idx, s)
 
 
 @triton.jit
 def _weight_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK: tl.constexpr):
-    pid_n, pid_k, batch = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    rows = pid_n * BLOCK + tl.arange(0, BLOCK)
-    cols = pid_k * BLOCK + tl.arange(0, BLOCK)
-    mask = (rows[:, None] < N) & (cols[None, :] < K)
-    offs = batch.to(tl.int64) * N * K + rows[:, None].to(tl.int64) * K + cols[None, :]
+    offs, mask, scale_idx = _weight_block(N, K, BLOCK)
     q = tl.load(q_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    s = tl.load(s_ptr + (batch * tl.num_programs(0) + pid_n) * tl.num_programs(1) + pid_k)
+    s = tl.load(s_ptr + scale_idx)
     tl.store(w_ptr + offs, _cast_rne(q * s, w_ptr.dtype.element_ty), mask=mask)
 
 
