@@ -36,7 +36,7 @@ import warnings
 import torch
 
 from . import reference
-from .reference import FP8, cdiv
+from .reference import FP8, block_scale_shape, cdiv
 
 __all__ = ["act_quant", "weight_quant", "weight_dequant", "fp8_gemm", "fused_moe", "moe_align_block_size",
            "backend", "set_backend", "reference"]
@@ -176,9 +176,7 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
     _check_tensor(s, "s", (torch.float32,), min_dim=2)
     _check_block(block_size)
     _check_out_dtype(dtype or torch.get_default_dtype(), "dtype")
-    N, K = q.shape[-2:]
-    _check_shape(s, "s", (*q.shape[:-2], cdiv(N, block_size), cdiv(K, block_size)),
-                 f"one scale per {block_size} x {block_size} block of q")
+    _check_shape(s, "s", block_scale_shape(q.shape, block_size), f"one scale per {block_size} x {block_size} block of q")
     _check_devices(q=q, s=s)
     return _impl("weight_dequant")(q, s, block_size, dtype)
 
@@ -200,7 +198,7 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
     _check_shape(a_s, "a_s", (*a_q.shape[:-1], cdiv(K, block_size)), f"one scale per 1 x {block_size} tile of a_q")
     if b_q.dim() != 2 or b_q.shape[1] != K:
         raise ValueError(f"b_q must be [N, K] with K = {K} (the last dimension of a_q), got {tuple(b_q.shape)}")
-    _check_shape(b_s, "b_s", (cdiv(b_q.shape[0], block_size), cdiv(K, block_size)),
+    _check_shape(b_s, "b_s", block_scale_shape(b_q.shape, block_size),
                  f"one scale per {block_size} x {block_size} block of b_q")
     _check_devices(a_q=a_q, a_s=a_s, b_q=b_q, b_s=b_s)
     return _impl("fp8_gemm")(a_q, a_s, b_q, b_s, block_size, out_dtype)
@@ -255,7 +253,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     if fp8:
         for name, w, sc in (("w1_scale", w1, w1_scale), ("w2_scale", w2, w2_scale)):
             _check_tensor(sc, name, (torch.float32,), min_dim=3)
-            _check_shape(sc, name, (E, cdiv(w.shape[1], block_size), cdiv(w.shape[2], block_size)),
+            _check_shape(sc, name, block_scale_shape(w.shape, block_size),
                          f"one scale per {block_size} x {block_size} block of each expert's weight")
         tensors.update(w1_scale=w1_scale, w2_scale=w2_scale)
     _check_devices(fp8=fp8, **tensors)

@@ -109,7 +109,7 @@ def _moe_gemm_kernel(a_ptr, a_s_ptr, w_ptr, w_s_ptr, c_ptr, topk_weights_ptr,
 
 def _block_m(num_slots: int, num_experts: int) -> int:
     """Slots per block: about the mean slots per expert (so padding stays small), between 16 and 64."""
-    return min(64, max(16, triton.next_power_of_2(-(num_slots // -num_experts))))
+    return min(64, max(16, triton.next_power_of_2(triton.cdiv(num_slots, num_experts))))
 
 
 def _grouped_gemm(a, a_s, w, w_s, out, topk_weights, align, *, top_k, swiglu, block_size):

@@ -32,6 +32,11 @@ def cdiv(a: int, b: int) -> int:
     return -(a // -b)
 
 
+def block_scale_shape(shape: tuple[int, ...], block_size: int) -> tuple[int, ...]:
+    """The shape of the block scales of a weight of `shape` [..., N, K]: [..., ceil(N / bs), ceil(K / bs)]."""
+    return (*shape[:-2], *(cdiv(n, block_size) for n in shape[-2:]))
+
+
 def to_e4m3(y: torch.Tensor) -> torch.Tensor:
     """float32 -> E4M3: saturate at ±448, round to nearest even, NaN -> 0x7F (the positive NaN code)."""
     y = torch.where(y.isnan(), float("nan"), y.clamp(-FP8_MAX, FP8_MAX))

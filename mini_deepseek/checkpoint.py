@@ -49,7 +49,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from kernels.reference import FP8, cdiv, weight_dequant, weight_quant
+from kernels.reference import FP8, block_scale_shape, weight_dequant, weight_quant
 
 from .config import ModelConfig
 from .fp8 import fp8_block_size, quantize_to_fp8
@@ -270,7 +270,7 @@ def _check_shapes(plan: list[_Entry], shards: _Shards, duplicates: dict[str, tup
         if info[1] != shape:
             misshaped.append(f"{key}: checkpoint {list(info[1])}, model expects {list(shape)}")
         if scale is not None:
-            blocks = (*info[1][:-2], *(cdiv(n, block) for n in info[1][-2:]))
+            blocks = block_scale_shape(info[1], block)
             if scale[1] != blocks:
                 misshaped.append(f"{key}_scale_inv: checkpoint {list(scale[1])}, expected {list(blocks)} for "
                                  f"{block} x {block} blocks")

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 import kernels
-from kernels.reference import FP8, cdiv, weight_quant
+from kernels.reference import FP8, block_scale_shape, weight_quant
 
 from .kernel_switch import use_kernels
 from .moe import RoutedExperts
@@ -42,7 +42,7 @@ def _frozen(t: torch.Tensor) -> nn.Parameter:
 
 
 def _check_pair(codes: torch.Tensor, scale: torch.Tensor, block_size: int, name: str) -> None:
-    expected = (*codes.shape[:-2], cdiv(codes.shape[-2], block_size), cdiv(codes.shape[-1], block_size))
+    expected = block_scale_shape(codes.shape, block_size)
     if codes.dtype != FP8 or scale.dtype != torch.float32 or tuple(scale.shape) != expected:
         raise ValueError(f"{name}: expected float8_e4m3fn codes and float32 scales of shape {list(expected)} "
                          f"({block_size} x {block_size} blocks), got {codes.dtype} {list(codes.shape)} and "

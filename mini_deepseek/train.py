@@ -291,10 +291,8 @@ def load_checkpoint(path: str | os.PathLike, model: nn.Module, optimizer: torch.
                 continue
             name, slot = key.rsplit(".", 1)
             state.setdefault(index_of[name], {})[slot] = value
-        param_groups = [{**group, "params": [index_of[name] for name in group["params"]]}
-                        for group in trainer["param_groups"]]
-        for group in param_groups:
-            group["betas"] = tuple(group["betas"])
+        param_groups = [{**group, "params": [index_of[name] for name in group["params"]], "betas": tuple(group["betas"])}
+                        for group in trainer["param_groups"]]  # JSON gives betas back as a list
         # load_state_dict moves each moment to its parameter's device and dtype.
         optimizer.load_state_dict({"state": state, "param_groups": param_groups})
     if restore_rng:
