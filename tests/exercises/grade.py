@@ -84,7 +84,7 @@ def failure_message(report: pytest.TestReport) -> str:
 
 def run(impl: str, exercise: str | None = None) -> tuple[int, Recorder, str]:
     """Run the graded tests against `impl`; return pytest's exit code, the recorder and pytest's own output."""
-    # The graded tests need no third-party pytest plugins; autoloading them (hypothesis, nbmake) costs seconds.
+    # The graded tests need no third-party pytest plugins; autoloading them (hypothesis, for one) costs seconds.
     args = [str(GRADED_DIR), f"--impl={impl}", "--disable-plugin-autoload", "-p", "no:cacheprovider"]
     if exercise is not None:
         args.append(f"--exercise={exercise}")
