@@ -1,0 +1,29 @@
+"""The benchmark scripts run end to end. They print speed figures; nothing here times anything."""
+
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def run(*args: str) -> str:
+    result = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    return result.stdout
+
+
+def test_decode_benchmark_generates_the_same_tokens_as_transformers():
+    pytest.importorskip("transformers")
+    out = run("benchmarks/decode_vs_hf.py", "--quick", "--repeats", "1")
+    rows = [line for line in out.splitlines() if line.startswith(("transformers (", "mini_deepseek, MLA"))]
+    assert len(rows) == 3 and all(line.rstrip().endswith("True") for line in rows), out
+    assert "Training step" in out
+
+
+def test_kernel_benchmark_checks_correctness_on_the_cpu():
+    out = run("-m", "kernels.bench", "--m", "1", "--reps", "1")
+    assert "MISMATCH" not in out and out.count("bit-identical") == 3, out
+    assert "fp8_gemm" in out and "fused_moe" in out, out
