@@ -32,7 +32,7 @@ from .moe import RoutedExperts
 
 def _ops(x: torch.Tensor) -> ModuleType:
     """Where the FP8 arithmetic for x comes from: the kernels, or their plain-PyTorch reference."""
-    return kernels if use_kernels(x) else kernels.reference
+    return kernels if use_kernels(x, fp8=True) else kernels.reference
 
 
 def _frozen(t: torch.Tensor) -> nn.Parameter:

@@ -30,8 +30,14 @@ def set_kernels(mode: str) -> None:
     _mode = mode
 
 
-def use_kernels(x: torch.Tensor) -> bool:
-    """Whether an operation on x goes through `kernels` rather than plain PyTorch."""
+def use_kernels(x: torch.Tensor, fp8: bool = False) -> bool:
+    """Whether an operation on x goes through `kernels` rather than plain PyTorch.
+
+    In "auto", FP8 work (fp8=True) also needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper): on an older
+    GPU such as the A100 it runs the reference arithmetic instead of stopping at the kernels' error.
+    """
     if _mode == "auto":
-        return kernels.backend() == "triton" and x.is_cuda
+        if kernels.backend() != "triton" or not x.is_cuda:
+            return False
+        return not fp8 or torch.cuda.get_device_capability(x.device) >= (8, 9)
     return _mode == "on"

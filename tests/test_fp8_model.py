@@ -174,6 +174,20 @@ def test_every_path_runs_with_the_plain_pytorch_backend():
         set_kernels("triton")
 
 
+
+def test_auto_switch_keeps_fp8_off_gpus_without_fp8(monkeypatch):
+    from types import SimpleNamespace
+
+    from mini_deepseek import kernel_switch
+
+    on_gpu = SimpleNamespace(is_cuda=True, device="cuda:0")  # all the switch reads of a tensor
+    monkeypatch.setattr(kernels, "backend", lambda: "triton")
+    for capability, fp8_expected in [((8, 0), False), ((9, 0), True)]:  # A100, H100/H200
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
+        assert kernel_switch.use_kernels(on_gpu) is True
+        assert kernel_switch.use_kernels(on_gpu, fp8=True) is fp8_expected
+    assert kernel_switch.use_kernels(SimpleNamespace(is_cuda=False, device="cpu"), fp8=True) is False
+
 # --- absorbed MLA ---------------------------------------------------------------------------------------------------
 def test_absorbed_mla_dequantizes_an_fp8_kv_b_proj():
     cfg = ModelConfig.preset("toy")
