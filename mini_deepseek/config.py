@@ -283,6 +283,11 @@ _HF_ROPE_NAMES = {  # HF rope_scaling / rope_parameters key -> our field
 }
 
 
+# Our fields with no Hugging Face name, kept in config.json under "mini_deepseek" (transformers ignores the key).
+_COURSE_KEY = "mini_deepseek"
+_COURSE_FIELDS = ("mla_mode", "bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+
+
 def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
     """Map a Hugging Face DeepSeek-V3/V2 config dict onto ModelConfig fields."""
     model_type = hf.get("model_type")
@@ -326,15 +331,18 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
         fields.setdefault("original_seq_len", hf.get("max_position_embeddings", 4096))
     elif rope_type != "default":
         raise ValueError(f"config.json rope type {rope_type!r} is not supported (only 'default' and 'yarn')")
-    else:
-        fields["original_seq_len"] = fields.get("max_seq_len", 4096)
     for name in ("rope_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "rope_theta"):
         if name in fields:
             fields[name] = float(fields[name])
     # head_dim, qk_head_dim and num_key_value_heads are derived (transformers writes num_key_value_heads = 128, its
     # default, even for a 4-head model): dropped here, written afresh by to_hf.
+    course = hf.get(_COURSE_KEY) or {}
+    unknown = sorted(set(course) - set(_COURSE_FIELDS))
+    if unknown:
+        raise ValueError(f"config.json {_COURSE_KEY} has unknown fields {unknown}; known: {list(_COURSE_FIELDS)}")
+    fields.update(course)
     known = set(_HF_NAMES) | {"rope_scaling", "rope_parameters", "model_type", "head_dim", "qk_head_dim",
-                              "num_key_value_heads"}
+                              "num_key_value_heads", _COURSE_KEY}
     fields["extra"] = {k: v for k, v in hf.items() if k not in known}
     return fields
 
@@ -351,6 +359,7 @@ def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:
     hf["head_dim"] = cfg.qk_rope_head_dim
     # MLA has one key per query head; transformers would otherwise default num_key_value_heads to 128.
     hf["num_key_value_heads"] = cfg.n_heads
+    hf[_COURSE_KEY] = {name: getattr(cfg, name) for name in _COURSE_FIELDS}
     hf["rope_scaling"] = None
     if cfg.yarn:
         hf["rope_scaling"] = {"type": "yarn", "rope_type": "yarn", "factor": cfg.rope_factor,

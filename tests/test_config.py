@@ -90,3 +90,11 @@ def test_from_hf_reads_published_v3_config(tmp_path):
 def test_from_hf_rejects_other_models():
     with pytest.raises(ValueError, match="model_type"):
         ModelConfig.from_hf({"model_type": "llama"})
+
+
+def test_hf_config_round_trip_keeps_the_course_fields():
+    cfg = ModelConfig.preset("toy", mla_mode="absorb", bias_update_speed=0.01, seq_aux_alpha=0.0, mtp_loss_weight=0.1)
+    back = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
+    assert back.to_dict() == {**cfg.to_dict(), "extra": back.extra}
+    with pytest.raises(ValueError, match="unknown fields"):
+        ModelConfig.from_hf({**cfg.to_hf(), "mini_deepseek": {"mla_mod": "absorb"}})
