@@ -143,9 +143,9 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     """y[t] = sum_j topk_weights[t, j] * W2[e] (silu(W_gate[e] x[t]) * W_up[e] x[t]), e = topk_ids[t, j].
 
     x [T, H], w1 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_* [T, k] -> y [T, H] in x.dtype.
-    A loop over experts in `compute_dtype`. With FP8 weights (w1_scale / w2_scale given) it reproduces the
-    w8a8 kernel's quantization points: weights dequantized from their block_size x block_size blocks, and the
-    input and the SwiGLU output (in x.dtype, as the kernel stores it) quantized per token in 1 x block_size tiles.
+    A loop over experts in `compute_dtype`, differentiable (the library's MoE layer trains through it). With FP8
+    weights (w1_scale / w2_scale given) it reproduces the w8a8 kernel's quantization points: weights dequantized
+    from their block_size x block_size blocks, and the input and the SwiGLU output (in x.dtype, as the kernel stores it) quantized per token in 1 x block_size tiles.
     """
     fp8 = w1_scale is not None
     T, k = topk_ids.shape
@@ -156,11 +156,23 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
             w = weight_dequant(w, w_scale, block_size, compute_dtype)
         return F.linear(a.to(compute_dtype), w.to(compute_dtype))
 
+    flat_ids = topk_ids.flatten()  # slot s = token s // k, its (s % k)-th expert
+    order = flat_ids.argsort(stable=True)  # slots grouped by expert
+    counts = torch.bincount(flat_ids, minlength=w1.shape[0]).tolist()
+    flat_weights = topk_weights.flatten()
+    # unbind once: under autograd, indexing w[e] per expert would build (and sum) one full-size zero gradient per
+    # expert; unbind's backward stacks all expert gradients into a single tensor.
+    w1s, w2s = w1.unbind(0), w2.unbind(0)
     y = torch.zeros(T, x.shape[1], dtype=compute_dtype, device=x.device)
-    for e in topk_ids.unique().tolist():
-        tokens, j = (topk_ids == e).nonzero(as_tuple=True)
-        gate, up = linear(x[tokens], w1[e], w1_scale[e] if fp8 else None).chunk(2, dim=-1)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        slots = order[start:start + n]
+        start += n
+        tokens = slots // k
+        gate, up = linear(x[tokens], w1s[e], w1_scale[e] if fp8 else None).chunk(2, dim=-1)
         h = (F.silu(gate) * up).to(x.dtype)
-        out = linear(h, w2[e], w2_scale[e] if fp8 else None)
-        y.index_add_(0, tokens, out * topk_weights[tokens, j, None].to(compute_dtype))
+        out = linear(h, w2s[e], w2_scale[e] if fp8 else None)
+        y.index_add_(0, tokens, out * flat_weights[slots, None].to(compute_dtype))
     return y.to(x.dtype)

@@ -99,7 +99,7 @@ class RoutedExperts(nn.Module):
 
     w_gate_up [E, 2I, dim] holds each expert's gate rows then up rows; w_down [E, dim, I]. The published
     checkpoints store per-expert `experts.{e}.gate_proj/up_proj/down_proj`; the checkpoint loader stacks them.
-    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as the loop below;
+    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as its plain-PyTorch loop;
     fp8.FP8RoutedExperts holds them in FP8.
     """
 
@@ -114,25 +114,8 @@ class RoutedExperts(nn.Module):
         # The fused kernel has no autograd: while gradients flow to these weights (training), take the loop.
         if use_kernels(x) and not (torch.is_grad_enabled() and self.w_gate_up.requires_grad):
             return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, indices)
-        N, k = indices.shape
-        flat = indices.flatten()  # slot s = token s // k, its (s % k)-th expert
-        order = flat.argsort(stable=True)  # slots grouped by expert
-        counts = torch.bincount(flat, minlength=self.w_gate_up.shape[0]).tolist()
-        # unbind once: indexing w[e] per expert would make autograd build (and sum) one full-size zero gradient
-        # per expert; unbind's backward stacks all expert gradients into a single tensor.
-        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
-        y = torch.zeros_like(x)
-        start = 0
-        for e, n in enumerate(counts):
-            if n == 0:
-                continue
-            slots = order[start:start + n]
-            start += n
-            tokens = slots // k
-            gate, up = F.linear(x[tokens], w_gate_up[e]).chunk(2, dim=-1)  # [n, I] each
-            out = F.linear(F.silu(gate) * up, w_down[e])  # [n, dim]
-            y.index_add_(0, tokens, out * weights.flatten()[slots, None])
-        return y
+        # The loop over experts: kernels.reference.fused_moe, the same definition the kernels are tested against.
+        return kernels.reference.fused_moe(x, self.w_gate_up, self.w_down, weights, indices, compute_dtype=x.dtype)
 
 
 class MoE(nn.Module):
