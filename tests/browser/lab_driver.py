@@ -205,8 +205,10 @@ START_RUN_ALL_JS = """async () => {
     (err) => { window.__mdRunAll = 'failed: ' + err; });
 }"""
 
-RUN_ALL_FINISHED_JS = """() => window.__mdRunAll !== 'running'
-  && window.__mdPanel.sessionContext.session.kernel.status === 'idle'"""
+RUN_ALL_FINISHED_JS = """() => {
+  const status = window.__mdPanel.sessionContext.session.kernel.status;
+  return (window.__mdRunAll !== 'running' && status === 'idle') || status === 'dead';
+}"""
 
 KERNEL_IDLE_JS = "() => window.__mdPanel.sessionContext.session.kernel.status === 'idle'"
 
@@ -362,6 +364,10 @@ class NotebookSession:
             return False
         finally:
             self.result.run_s = time.perf_counter() - start
+        status = self.page.evaluate("() => window.__mdPanel.sessionContext.session.kernel.status")
+        if status == "dead":
+            self.result.problems.append(f"the kernel died during Run All (see {self.server.log_path})")
+            return False
         return True
 
     def cells(self) -> list[dict]:
