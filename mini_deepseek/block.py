@@ -5,11 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import build_attention
+from .attention import GroupedQueryAttention
 from .config import ModelConfig
+from .mla import MultiHeadLatentAttention
 from .mlp import MLP
 from .moe import MoE
 from .norm import RMSNorm
+
+
+def build_attention(cfg: ModelConfig) -> nn.Module:
+    """The attention layer cfg.attn_type names: MLA, or one of the MHA/GQA/MQA baselines."""
+    return MultiHeadLatentAttention(cfg) if cfg.attn_type == "mla" else GroupedQueryAttention(cfg)
 
 
 class Block(nn.Module):

@@ -50,6 +50,24 @@ def test_cached_chunks_equal_full_forward(variant, mode):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["mla", "mla-noq", "mla-yarn"])
+def test_later_start_without_cache_stays_causal_and_absorbed_equals_naive(variant):
+    """No cache and start_pos > 0 (recomputing a window that starts later): queries and keys are the same T
+    positions, so the mask is the plain causal one in both MLA modes (one rule: the offset is S - T = 0)."""
+    model = tiny_model(**VARIANTS[variant])
+    x = ids(T=12)
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % 264
+    out = {}
+    for mode in ("naive", "absorb"):
+        model.set_mla_mode(mode)
+        out[mode], out[mode + "-changed"] = model(x, start_pos=20), model(y, start_pos=20)
+    assert torch.allclose(out["naive"], out["absorb"], atol=1e-5, rtol=0), (out["naive"] - out["absorb"]).abs().max()
+    for mode in ("naive", "absorb"):  # changing token 5 changes nothing before it
+        assert torch.allclose(out[mode][:, :5], out[mode + "-changed"][:, :5], atol=1e-5, rtol=0), mode
+        assert not torch.allclose(out[mode][:, 5], out[mode + "-changed"][:, 5], atol=1e-5, rtol=0), mode
+
+
 @pytest.mark.parametrize("variant, mode", [("mla", "naive"), ("mla", "absorb"), ("mla-yarn", "absorb"), ("gqa", "naive")])
 def test_generate_with_cache_gives_the_same_tokens(variant, mode):
     model = tiny_model(mla_mode=mode, **VARIANTS[variant])
