@@ -4,6 +4,10 @@ importing the library has no side effects on Triton."""
 from __future__ import annotations
 
 import ast
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,3 +78,29 @@ def test_import_graph_has_no_cycle():
 def test_find_cycle_finds_one():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_import_has_no_triton_side_effects():
+    """Importing the library (and running a CPU model in the default "auto" kernel mode) neither imports Triton nor
+    the Triton kernels, nor sets TRITON_INTERPRET: that happens when a kernel is first used."""
+    code = textwrap.dedent("""
+        import os, sys
+        import torch
+        import mini_deepseek
+
+        def state():
+            loaded = sorted(m for m in ("triton", "kernels.fp8", "kernels.moe") if m in sys.modules)
+            return f"{loaded} {os.environ.get('TRITON_INTERPRET')}"
+
+        print(state())
+        cfg = mini_deepseek.ModelConfig.preset("toy", dim=32, n_layers=2, inter_dim=64, moe_inter_dim=16,
+                                               q_lora_rank=16, kv_lora_rank=16, max_seq_len=16)
+        model = mini_deepseek.DeepSeekV3(cfg)
+        model.loss(torch.zeros(1, 8, dtype=torch.long), torch.zeros(1, 8, dtype=torch.long))[0].backward()
+        print(state())
+    """)
+    env = {k: v for k, v in os.environ.items() if k not in ("MINI_DEEPSEEK_KERNELS", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], env=env | {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["[] None", "[] None"]

@@ -1,4 +1,5 @@
-"""The backend switch: chosen at import from the environment, switchable at run time."""
+"""The backend switch: chosen on first use from the environment (importing has no side effect), switchable at
+run time."""
 
 import os
 import subprocess
@@ -16,13 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def import_kernels(env: dict[str, str], prelude: str = "") -> list[str]:
-    """Import kernels in a fresh interpreter; returns [backend, TRITON_INTERPRET, triton imported?, warnings]."""
+    """Import kernels in a fresh interpreter, then use it once. Returns [backend, TRITON_INTERPRET, triton imported?,
+    warnings] after that first use."""
     code = textwrap.dedent(prelude) + textwrap.dedent("""
         import os, sys, warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import kernels
-        print(kernels.backend(), os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules,
+            assert "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ, "import side effect"
+            active = kernels.backend()  # the first use chooses the backend
+        print(active, os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules,
               "|".join(str(w.message) for w in caught), sep="\\n")
     """)
     clean = {k: v for k, v in os.environ.items() if k not in ("MINI_DEEPSEEK_KERNELS", "TRITON_INTERPRET")}
