@@ -99,13 +99,14 @@ class RoutedExperts(nn.Module):
 
     w_gate_up [E, 2I, dim] holds each expert's gate rows then up rows; w_down [E, dim, I]. The published
     checkpoints store per-expert `experts.{e}.gate_proj/up_proj/down_proj`; the checkpoint loader stacks them.
-    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as its plain-PyTorch loop;
-    fp8.FP8RoutedExperts holds them in FP8.
+    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as the loop over experts
+    below (kernels/reference.py holds the kernels' own plain-PyTorch specification; a test checks that the two
+    agree, gradients included); fp8.FP8RoutedExperts holds them in FP8.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
-        self.inter_dim = inter_dim
+        self.n_experts, self.inter_dim = n_experts, inter_dim
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
@@ -114,8 +115,19 @@ class RoutedExperts(nn.Module):
         # The fused kernel has no autograd: while gradients flow to these weights (training), take the loop.
         if use_kernels(x) and not (torch.is_grad_enabled() and self.w_gate_up.requires_grad):
             return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, indices)
-        # The loop over experts: kernels.reference.fused_moe, the same definition the kernels are tested against.
-        return kernels.reference.fused_moe(x, self.w_gate_up, self.w_down, weights, indices, compute_dtype=x.dtype)
+        # As DeepSeek's inference/model.py MoE.forward: for each expert, the tokens that chose it, run it, scale by
+        # their gating weight, add. unbind once: indexing w[e] per expert would give each expert its own full-size
+        # (mostly zero) gradient under autograd; unbind's backward stacks them into one.
+        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
+        y = torch.zeros_like(x)
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            token, slot = torch.where(indices == e)  # the tokens that chose expert e, and where in their top-k
+            gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
+            y[token] += F.linear(F.silu(gate) * up, w_down[e]) * weights[token, slot, None]
+        return y
 
 
 class MoE(nn.Module):

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
+import kernels
 from mini_deepseek import DeepSeekV3, ModelConfig
-from mini_deepseek.moe import Gate
+from mini_deepseek.moe import Gate, RoutedExperts
 from mini_deepseek.rope import apply_rotary_emb, precompute_freqs_cis, rope_inv_freq, yarn_ramp_range
 
 TINY = dict(dim=64, n_layers=3, n_dense_layers=1, inter_dim=128, moe_inter_dim=32, n_heads=4, max_seq_len=64,
@@ -217,6 +218,31 @@ def test_sequence_balance_loss_matches_the_formula():
 def test_softmax_gate_has_no_bias():
     gate = make_gate(score_func="softmax", n_expert_groups=1, n_limited_groups=1)
     assert gate.e_score_correction_bias is None and "e_score_correction_bias" not in gate.state_dict()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_expert_loop_equals_the_kernels_reference_gradients_included(dtype, tol):
+    """moe.py's loop over experts (the training path) against kernels.reference.fused_moe (the kernels' spec)."""
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 32, 16)
+    torch.nn.init.normal_(experts.w_gate_up, std=0.3)
+    torch.nn.init.normal_(experts.w_down, std=0.3)
+    experts = experts.to(dtype)
+    x = torch.randn(40, 32, dtype=dtype, requires_grad=True)
+    weights = torch.rand(40, 2, dtype=dtype, requires_grad=True)
+    indices = torch.randn(40, 7).topk(2).indices  # expert 7 gets no token
+    grad_out = torch.randn(40, 32, dtype=dtype)
+    results = []
+    for run in (lambda: experts(x, weights, indices),
+                lambda: kernels.reference.fused_moe(x, experts.w_gate_up, experts.w_down, weights, indices,
+                                                    compute_dtype=dtype)):
+        inputs = [x, weights, experts.w_gate_up, experts.w_down]
+        y = run()
+        results.append([y, *torch.autograd.grad(y, inputs, grad_out)])
+    for name, ours, reference in zip(["y", "x", "weights", "w_gate_up", "w_down"], *results, strict=True):
+        assert ours.dtype == reference.dtype == dtype, name
+        torch.testing.assert_close(ours.float(), reference.float(), atol=tol, rtol=tol, msg=name)
+    assert results[0][3][7].abs().max() == 0  # the unused expert gets a zero gradient
 
 
 # --- RoPE and YaRN ----------------------------------------------------------------------------------------------
