@@ -43,6 +43,16 @@ class Gate(nn.Module):
         self.last_load: torch.Tensor | None = None  # tokens routed per expert in the last forward, [E]
         self.balance_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
 
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to(dtype), .half() and .bfloat16() cast every floating buffer; the routing bias stays float32 (only
+        its device follows), as transformers keeps it (`_keep_in_fp32_modules_strict`). In bfloat16 the bias could
+        not move: around 0.5 its spacing is 2^-8, so +gamma (0.001) rounds away and -gamma becomes -0.00195."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
+
     def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k]."""
         logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does

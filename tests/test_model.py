@@ -198,6 +198,26 @@ def test_bias_update_moves_towards_balance():
     assert gate.e_score_correction_bias[7] == pytest.approx(-0.01)
 
 
+@pytest.mark.parametrize("cast", ["to-bfloat16", "to-dtype", "half", "bfloat16"])
+def test_routing_bias_stays_float32_when_the_model_is_cast(cast):
+    model = tiny_model(bias_update_speed=0.001)
+    {"to-bfloat16": lambda: model.to(torch.bfloat16), "to-dtype": lambda: model.to(dtype=torch.bfloat16),
+     "half": model.half, "bfloat16": model.bfloat16}[cast]()
+    gate = model.gates()[0]
+    assert model.embed_tokens.weight.dtype != torch.float32 and gate.weight.dtype != torch.float32
+    assert all(g.e_score_correction_bias.dtype == torch.float32 for g in model.gates())
+    # both directions of an update of gamma = 0.001 survive around 0.5 (bfloat16 would drop +gamma, double -gamma)
+    gate.e_score_correction_bias.fill_(0.5)
+    gate.last_load = torch.tensor([0.0, 0, 0, 0, 10, 10, 10, 10])  # mean 5: experts 0-3 under, 4-7 over
+    model.update_routing_bias()
+    assert torch.allclose(gate.e_score_correction_bias, torch.tensor([0.501] * 4 + [0.499] * 4), atol=1e-6, rtol=0)
+    # routing adds the bias in float32: biases 2e-4 apart (all 0.5 in bfloat16) still decide the top-2
+    torch.nn.init.zeros_(gate.weight)  # every affinity sigmoid(0) = 0.5
+    gate.e_score_correction_bias.copy_(0.5 + 2e-4 * torch.arange(8))
+    _, indices = gate(torch.randn(4, 64, dtype=gate.weight.dtype), seq_len=4)
+    assert indices.sort(dim=1).values.tolist() == [[6, 7]] * 4
+
+
 def test_sequence_balance_loss_matches_the_formula():
     gate = make_gate(n_expert_groups=1, n_limited_groups=1, seq_aux_alpha=0.1).train()
     x = torch.randn(2 * 5, 64)
