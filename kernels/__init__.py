@@ -57,6 +57,7 @@ def _load_triton() -> tuple[str, dict] | None:
     if _triton_impls is None:
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede every @triton.jit below
+            _interpret_triton_language()
         from . import fp8, moe
 
         _triton_impls = dict(act_quant=fp8.act_quant, weight_quant=fp8.weight_quant,
@@ -64,6 +65,28 @@ def _load_triton() -> tuple[str, dict] | None:
     import triton
 
     return ("interpret" if triton.knobs.runtime.interpret else "triton"), _triton_impls
+
+
+def _interpret_triton_language() -> None:
+    """Let the interpreter run triton.language's own @jit functions (tl.max, tl.sum, tl.cdiv, ...) when Triton was
+    imported before TRITON_INTERPRET was set (torch._dynamo imports it, for one): `@triton.jit` decides at
+    decoration time, so those are compiled-mode JITFunctions, which an interpreted kernel cannot call. Without a
+    GPU nothing could run them compiled anyway."""
+    import sys
+
+    from triton import knobs
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if not knobs.runtime.interpret:  # TRITON_INTERPRET=0 set by the user: leave Triton as it is
+        return
+    interpreted: dict[int, InterpretedFunction] = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                setattr(module, attr, interpreted.setdefault(id(value), InterpretedFunction(value.fn)))
 
 
 def backend() -> str:

@@ -58,6 +58,29 @@ def test_cpu_with_triton_interprets():
     assert (backend, interpret, notice) == ("interpret", "1", "")
 
 
+def test_interpreter_works_when_triton_was_imported_first():
+    """torch._dynamo imports Triton (before TRITON_INTERPRET is set, now that importing kernels sets nothing): the
+    first kernel call must still run interpreted, bit-identical to the reference."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the kernels compile")
+    code = textwrap.dedent("""
+        import sys
+        import torch._dynamo  # imports triton
+        assert "triton" in sys.modules
+        import torch, kernels
+        from kernels import reference as R
+        x = torch.randn(3, 200)
+        (q, s), (rq, rs) = kernels.act_quant(x), R.act_quant(x)
+        print(kernels.backend(), torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs))
+    """)
+    clean = {k: v for k, v in os.environ.items() if k not in ("MINI_DEEPSEEK_KERNELS", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], env=clean | {"PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["interpret", "True"]
+
+
 def test_set_backend_round_trip():
     active = kernels.backend()
     assert active in ("triton", "interpret", "torch")
