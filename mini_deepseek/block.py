@@ -25,9 +25,14 @@ class Block(nn.Module):
         self.self_attn = build_attention(cfg)
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         # DeepSeek keeps the first layers dense (V3: 3): early routing is unstable and the layers are cheap.
-        self.mlp = MLP(cfg.dim, cfg.inter_dim) if layer_id < cfg.n_dense_layers else MoE(cfg)
+        self.routed = layer_id >= cfg.n_dense_layers
+        self.mlp = MoE(cfg) if self.routed else MLP(cfg.dim, cfg.inter_dim)
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0,
-                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, start_pos, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+                cache: dict[str, torch.Tensor] | None = None, padding: torch.Tensor | None = None,
+                counted: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]. padding [B, S]: padding keys (attention_ops); counted [B, T]: the tokens
+        that enter the routing statistics of an MoE layer (moe.Gate)."""
+        x = x + self.self_attn(self.input_layernorm(x), freqs_cis, start_pos, cache, padding)
+        h = self.post_attention_layernorm(x)
+        return x + (self.mlp(h, counted) if self.routed else self.mlp(h))

@@ -53,8 +53,13 @@ class Gate(nn.Module):
             self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
         return self
 
-    def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k]."""
+    def forward(self, x: torch.Tensor, seq_len: int,
+                counted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k].
+
+        counted [N] bool: the tokens that enter the routing statistics (last_load, which the bias update reads,
+        and the sequence-wise loss); padding and positions whose target is -100 do not. None: every token.
+        """
         logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # [N, E]
         bias = self.e_score_correction_bias
@@ -67,8 +72,9 @@ class Gate(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
         with torch.no_grad():
-            self.last_load = torch.bincount(indices.flatten(), minlength=self.n_experts).float()
-        self.balance_loss = self._sequence_balance_loss(scores, indices, seq_len) \
+            routed = indices if counted is None else indices[counted]
+            self.last_load = torch.bincount(routed.flatten(), minlength=self.n_experts).float()
+        self.balance_loss = self._sequence_balance_loss(scores, seq_len, counted) \
             if self.training and self.seq_aux_alpha > 0 else None
         return weights.to(x.dtype), indices
 
@@ -86,15 +92,27 @@ class Gate(nn.Module):
         # agrees only while the kept experts' biased scores stay positive.)
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, -1)
 
-    def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eqs. 17-20), averaged over the batch."""
+    def _sequence_balance_loss(self, scores: torch.Tensor, seq_len: int,
+                               counted: torch.Tensor | None) -> torch.Tensor | None:
+        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eqs. 17-20), averaged over the sequences.
+
+        T of eqs. 18 and 20 is the number of counted tokens of each sequence; a sequence with none adds nothing
+        (None when no sequence has any). The indicator of eq. 18 is TopK of the unbiased affinities s_{i,t}, as the
+        report writes it, not the biased, group-limited choice that routes the token.
+        """
         E, k = self.n_experts, self.topk
         probs = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t}: affinities normalized over all experts
-        probs = probs.view(-1, seq_len, E)  # [B, T, E]
-        chosen = torch.zeros_like(probs).scatter_(2, indices.view(-1, seq_len, k), 1.0)  # [B, T, E]
-        f = chosen.mean(dim=1) * (E / k)  # [B, E]: N_r / (K_r T) * tokens choosing expert i
-        P = probs.mean(dim=1)  # [B, E]
-        return self.seq_aux_alpha * (f * P).sum(dim=-1).mean()
+        in_topk = torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=-1).indices, 1.0)  # [N, E], eq. 18
+        w = torch.ones_like(scores[:, :1]) if counted is None else counted.float()[:, None]  # [N, 1]
+        w = w.view(-1, seq_len, 1)  # [B, T, 1]
+        tokens = w.sum(dim=1)  # [B, 1]: T of each sequence
+        per_token = tokens.clamp(min=1)  # no 0/0 (its gradient would be NaN) for a sequence without tokens
+        f = (in_topk.view(-1, seq_len, E) * w).sum(dim=1) * (E / k) / per_token  # [B, E]: N_r / (K_r T) * count
+        P = (probs.view(-1, seq_len, E) * w).sum(dim=1) / per_token  # [B, E]
+        has_tokens = tokens.squeeze(1) > 0
+        if not bool(has_tokens.any()):
+            return None
+        return self.seq_aux_alpha * (f * P).sum(dim=-1)[has_tokens].mean()
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -148,10 +166,11 @@ class MoE(nn.Module):
         # The shared experts always run on every token, so they are one MLP of n_shared * moe_inter_dim width.
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; counted [B, T] bool: the tokens that enter the routing statistics (Gate)."""
         B, T, D = x.shape
         flat = x.view(B * T, D)
-        weights, indices = self.gate(flat, seq_len=T)
+        weights, indices = self.gate(flat, seq_len=T, counted=None if counted is None else counted.reshape(B * T))
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

@@ -6,6 +6,7 @@ import torch
 
 import kernels
 from mini_deepseek import DeepSeekV3, ModelConfig
+from mini_deepseek.block import Block
 from mini_deepseek.moe import Gate, RoutedExperts
 from mini_deepseek.rope import apply_rotary_emb, precompute_freqs_cis, rope_inv_freq, yarn_ramp_range
 
@@ -111,6 +112,73 @@ def test_loss_combines_lm_mtp_and_balance_terms():
     assert all(p.grad is not None for p in model.parameters())
     assert all(g.balance_loss is None for g in model.gates())  # no graph kept alive: the model deep-copies
     copy.deepcopy(model)
+
+
+def test_targets_of_minus_100_are_ignored_everywhere():
+    """A batch whose last 4 targets are -100 gives the loss, every part of it and the routing load of the same batch
+    cut before them (positions are causal): the balance loss and the load count no masked position."""
+    model = tiny_model(n_mtp_modules=2, seq_aux_alpha=0.1).train()
+    x = ids(T=16)
+    y = x.roll(-1, dims=1)
+    masked = y.clone()
+    masked[:, -4:] = -100
+    loss, parts = model.loss(x, masked)
+    loads = model.expert_load()
+    cut_loss, cut_parts = model.loss(x[:, :-4], y[:, :-4])
+    assert parts.keys() == cut_parts.keys() == {"lm", "mtp", "balance"}
+    for key in parts:
+        assert parts[key] == pytest.approx(cut_parts[key], rel=1e-5), key
+    assert loss.item() == pytest.approx(cut_loss.item(), rel=1e-5)
+    assert torch.equal(loads, model.expert_load())
+
+
+def test_mtp_depth_without_targets_adds_nothing():
+    model = tiny_model(n_mtp_modules=2).train()
+    x = ids(T=8)
+    targets = torch.full_like(x, -100)
+    targets[:, :2] = x[:, 1:3]  # depth 1 reads targets[:, 1:] (one left), depth 2 targets[:, 2:] (none)
+    loss, parts = model.loss(x, targets)
+    assert math.isfinite(loss.item()) and math.isfinite(parts["mtp"])
+    logits, mtp = model(x, return_mtp=True)
+    depth1 = torch.nn.functional.cross_entropy(mtp[0][:, 0], targets[:, 1])  # the only MTP target
+    assert parts["mtp"] == pytest.approx(depth1.item(), rel=1e-5)
+    loss.backward()
+    with pytest.raises(ValueError, match="-100"):
+        model.loss(x, torch.full_like(x, -100))
+
+
+def test_one_token_sequences_with_mtp():
+    model = tiny_model(n_mtp_modules=2).train()
+    x = ids(T=1)
+    loss, parts = model.loss(x, x)
+    assert "mtp" not in parts and math.isfinite(loss.item())  # no MTP position at all: no MTP term
+    loss.backward()
+    logits, mtp = model(x, return_mtp=True)
+    assert logits.shape == (2, 1, 264) and [m.shape for m in mtp] == [(2, 0, 264), (2, 0, 264)]
+    _, mtp = model(ids(T=2), return_mtp=True)
+    assert [m.shape for m in mtp] == [(2, 1, 264), (2, 0, 264)]
+
+
+def test_mtp_reads_the_normalized_main_output_and_chains_through_the_head_norm():
+    """h^0 is the main model's output after its final norm (what vLLM feeds the published MTP weights); depth k
+    passes on shared_head.norm(TRM_k(.)), the state the shared head reads (mtp.py)."""
+    model = tiny_model(n_mtp_modules=2)
+    with torch.no_grad():  # distinct norm weights, so that "which norm" matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    x = ids(T=10)
+    _, mtp = model(x, return_mtp=True)
+    freqs = model.freqs_cis[:10]
+    h = model.embed_tokens(x)
+    for layer in model.layers:
+        h = layer(h, freqs)
+    h = model.norm(h)  # h^0
+    for k, module in enumerate(model.mtp, start=1):
+        n = 10 - k
+        mixed = module.eh_proj(torch.cat([module.enorm(model.embed_tokens(x[:, k:])), module.hnorm(h[:, :n])], -1))
+        h = module.shared_head.norm(Block.forward(module, mixed, freqs[:n]))  # h^k
+        torch.testing.assert_close(mtp[k - 1], model.lm_head(h).float())
 
 
 def test_training_a_few_steps_learns_a_repeated_sequence():
@@ -233,6 +301,40 @@ def test_sequence_balance_loss_matches_the_formula():
     gate.eval()
     gate(x, seq_len=5)
     assert gate.balance_loss is None
+
+
+def test_sequence_balance_indicator_is_topk_of_the_unbiased_affinities():
+    """Eq. 18 of the V3 report: 1(s_{i,t} in TopK(s_t)) of the unbiased affinities, not the biased routing choice."""
+    gate = make_gate(seq_aux_alpha=0.1).train()  # 4 groups of 2, top-2 groups
+    gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0, 0, 0, 0, 0, 1, 1]))  # routing always picks 6 and 7
+    x = torch.randn(2 * 5, 64)
+    _, indices = gate(x, seq_len=5)
+    assert (indices.sort(dim=1).values == torch.tensor([6, 7])).all()
+    s = torch.sigmoid(x @ gate.weight.T).view(2, 5, 8)
+    expected = 0.0
+    for b in range(2):
+        p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        counts = torch.bincount(s[b].topk(2, dim=-1).indices.flatten(), minlength=8).float()
+        expected += 0.1 * (counts * 8 / (2 * 5) * p).sum() / 2
+    assert gate.balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sequence_balance_loss_counts_only_the_counted_tokens():
+    gate = make_gate(n_expert_groups=1, n_limited_groups=1, seq_aux_alpha=0.1).train()
+    x = torch.randn(3 * 6, 64)
+    counted = torch.ones(3, 6, dtype=torch.bool)
+    counted[0, 4:] = False  # sequence 0: its first 4 tokens count
+    counted[2] = False  # sequence 2: none, so it adds nothing to the mean over sequences
+    gate(x, seq_len=6, counted=counted.flatten())
+    masked_loss, masked_load = gate.balance_loss, gate.last_load
+    parts = []
+    for rows in (x[:4], x[6:12]):  # the counted tokens of sequences 0 and 1, one sequence each
+        _, indices = gate(rows, seq_len=len(rows))
+        parts.append((gate.balance_loss, torch.bincount(indices.flatten(), minlength=8).float()))
+    assert masked_loss.item() == pytest.approx((parts[0][0] + parts[1][0]).item() / 2, rel=1e-5)
+    assert torch.equal(masked_load, parts[0][1] + parts[1][1])
+    gate(x, seq_len=6, counted=torch.zeros(18, dtype=torch.bool))
+    assert gate.balance_loss is None and gate.last_load.sum() == 0
 
 
 def test_softmax_gate_has_no_bias():
