@@ -140,3 +140,58 @@ def explorer(schedule: str = "dualpipe", stages: int = 4, microbatches: int = 8,
     bundle = box._repr_mimebundle_()
     bundle["text/plain"] = "[interactive pipeline explorer: run the notebook to use the sliders]"
     display(bundle, raw=True)
+
+
+# One forward and one backward chunk of a MoE layer, split as DeepSeek-V3's figure 4 splits them (report section
+# 3.2.1): attention and MLP compute; all-to-all dispatch and combine move tokens to and from their experts.
+# Each entry: (name, stream, duration key, the entry it waits for). A backward chunk runs its parts in reverse.
+_FORWARD_CHUNK = [("attn F", "compute", "attn", None), ("dispatch F", "comm", "a2a", "attn F"),
+                  ("mlp F", "compute", "mlp", "dispatch F"), ("combine F", "comm", "a2a", "mlp F")]
+_BACKWARD_CHUNK = [("combine B", "comm", "a2a", None), ("mlp B", "compute", "mlp2", "combine B"),
+                   ("dispatch B", "comm", "a2a", "mlp B"), ("attn B", "compute", "attn2", "dispatch B")]
+# DualPipe's pairing: while one chunk's tokens travel, the other chunk computes.
+_OVERLAPPED_ORDER = ["combine B", "attn F", "mlp B", "dispatch F", "dispatch B", "mlp F", "attn B", "combine F"]
+
+
+def chunk_overlap(attn: float = 1.0, mlp: float = 1.0, a2a: float = 1.0, overlapped: bool = True
+                  ) -> list[tuple[str, str, float, float]]:
+    """(name, stream, start, end) of the parts of a forward chunk and a backward chunk (backward compute twice
+    the forward's), run one after the other (overlapped=False) or paired as DualPipe pairs them: each stream
+    runs its parts in the pair's order, each part as soon as the part it needs has finished."""
+    length = {"attn": attn, "mlp": mlp, "attn2": 2 * attn, "mlp2": 2 * mlp, "a2a": a2a}
+    parts = {name: (stream, length[key], need) for name, stream, key, need in _FORWARD_CHUNK + _BACKWARD_CHUNK}
+    order = _OVERLAPPED_ORDER if overlapped else [p[0] for p in _FORWARD_CHUNK + _BACKWARD_CHUNK]
+    free, end, out = {"compute": 0.0, "comm": 0.0}, {}, []
+    previous = None
+    for name in order:
+        stream, duration, need = parts[name]
+        start = max(free[stream], end.get(need, 0.0))
+        if not overlapped and previous is not None:  # one chunk at a time, one part at a time
+            start = max(start, end[previous])
+        end[name] = free[stream] = start + duration
+        out.append((name, stream, start, start + duration))
+        previous = name
+    return out
+
+
+def plot_chunk_overlap(attn: float = 1.0, mlp: float = 1.0, a2a: float = 1.0, axes=None):
+    """Two panels: a forward and a backward chunk one after the other, then overlapped as a DualPipe pair."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(2, 1, figsize=(11, 3.4), sharex=True)
+    colors = {"F": COLORS["F"][0], "B": COLORS["B"][0]}
+    for ax, overlapped in zip(axes, (False, True), strict=True):
+        parts = chunk_overlap(attn, mlp, a2a, overlapped)
+        for name, stream, start, end in parts:
+            y = 0 if stream == "compute" else 1
+            ax.barh(y, end - start, left=start, color=colors[name[-1]], edgecolor="black",
+                    hatch="" if stream == "compute" else "//")
+            ax.text((start + end) / 2, y, name, ha="center", va="center", fontsize=8)
+        total = max(end for *_, end in parts)
+        ax.set_yticks([0, 1], ["compute", "communication"])
+        ax.set_ylim(1.6, -0.6)
+        ax.set_title(f"{'overlapped F&B pair (DualPipe)' if overlapped else 'forward chunk, then backward chunk'}:"
+                     f" {total:g} time units", fontsize=10, loc="left")
+    axes[-1].set_xlabel("time (forward attention = 1)")
+    return axes

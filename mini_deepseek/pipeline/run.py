@@ -41,7 +41,7 @@ from ..config import ModelConfig
 from ..data import TokenDataset, stdlib_corpus
 from ..model import DeepSeekV3
 from .schedules import SCHEDULES, Action, Op, Overlapped, Schedule, schedule
-from .simulate import Interval, Timeline
+from .simulate import Interval, Timeline, simulate_schedule
 from .stages import pipeline_config, split_model, stage_layers
 
 # Our name -> (torch.distributed.pipelining class, stages per rank, placement of a rank's two stages)
@@ -274,7 +274,8 @@ def train_one(rank: int, world_size: int, config: RunConfig, device: torch.devic
         reference_optimizer.step()
         steps.append({"spans": spans, "grad_diff": grad_diff, "loss": loss, "reference_loss": reference_loss.item()})
 
-    record = {"rank": rank, "stages": mine, "steps": steps}
+    message_s = ping_pong(rank, (config.microbatch_size, config.seq_len, reference.config.dim), device)
+    record = {"rank": rank, "stages": mine, "steps": steps, "message_s": message_s}
     gathered = [None] * world_size if rank == 0 else None
     dist.gather_object(record, gathered, dst=0)
     if rank != 0:
@@ -283,6 +284,24 @@ def train_one(rank: int, world_size: int, config: RunConfig, device: torch.devic
     # only a picture (torch 2.13's for 1F1B even misnumbers the last rank's micro-batches): not returned.
     runtime = isinstance(pipe, torch_schedules._PipelineScheduleRuntime)
     return {"records": gathered, "order": torch_order(pipe.pipeline_order) if runtime else None}
+
+
+def ping_pong(rank: int, shape: tuple[int, ...], device: torch.device, rounds: int = 10) -> float:
+    """Seconds one activation-sized float32 message takes from rank 0 to rank 1 (half a round trip, averaged);
+    the other ranks wait at the barrier. 0.0 on ranks other than 0."""
+    message = torch.zeros(shape, device=device)
+    dist.barrier()
+    start = time.perf_counter()
+    for _ in range(rounds):
+        if rank == 0:
+            dist.send(message, dst=1)
+            dist.recv(message, src=1)
+        elif rank == 1:
+            dist.recv(message, src=0)
+            dist.send(message, dst=0)
+    elapsed = time.perf_counter() - start
+    dist.barrier()
+    return elapsed / (2 * rounds) if rank == 0 else 0.0
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -364,25 +383,41 @@ class RunResult:
     bubble_fraction: float  # sum(idle) / (ranks x makespan)
     max_grad_diff: float  # largest |gradient - single-process gradient| of any parameter, over all steps
     max_loss_diff: float  # largest |pipeline loss - single-process loss| over all steps
+    message_s: float  # one activation-sized message from rank 0 to rank 1, measured after training
     losses: list[float]  # the pipeline's loss at every step (the warm-up step first)
     timeline: Timeline  # the measured timeline of the timed step with the median makespan
     step_timelines: list[Timeline]  # every timed step's measured timeline
 
     def stage_costs(self) -> dict[str, list[float]]:
-        """Median seconds of each operation kind per stage over the timed steps, as simulate() takes them:
-        F, B (whole backward: B itself, or I + W where the schedule splits it) and W (0 where never split)."""
-        durations: dict[tuple[str, int], list[float]] = {}
+        """Median seconds per stage over the timed steps, as simulate() takes them: F; B the whole backward (a B,
+        or the I and W of one micro-batch added up); W the weight part where the schedule splits it, else 0.
+        Noise on a shared machine can make the median W exceed the median whole backward: W is capped at B."""
+        F: dict[int, list[float]] = {}
+        whole: dict[int, list[float]] = {}
+        W: dict[int, list[float]] = {}
         for timeline in self.step_timelines:
+            split: dict[tuple[int, int], float] = {}  # (stage, micro-batch) -> I + W so far
             for iv in timeline.intervals:
-                durations.setdefault((iv.action.kind, iv.action.stage), []).append(iv.end - iv.start)
+                op, seconds = iv.action, iv.end - iv.start
+                if op.kind == "F":
+                    F.setdefault(op.stage, []).append(seconds)
+                elif op.kind == "B":
+                    whole.setdefault(op.stage, []).append(seconds)
+                else:  # I or W
+                    split[op.stage, op.microbatch] = split.get((op.stage, op.microbatch), 0.0) + seconds
+                    if op.kind == "W":
+                        W.setdefault(op.stage, []).append(seconds)
+            for (stage, _), seconds in split.items():
+                whole.setdefault(stage, []).append(seconds)
         P = self.config.stages
+        costs = {"F": [statistics.median(F[s]) for s in range(P)], "B": [statistics.median(whole[s]) for s in range(P)]}
+        costs["W"] = [min(statistics.median(W[s]), costs["B"][s]) if s in W else 0.0 for s in range(P)]
+        return costs
 
-        def median(kind: str, s: int) -> float:
-            return statistics.median(durations[kind, s]) if (kind, s) in durations else 0.0
-
-        W = [median("W", s) for s in range(P)]
-        B = [median("B", s) if ("B", s) in durations else median("I", s) + W[s] for s in range(P)]
-        return {"F": [median("F", s) for s in range(P)], "B": B, "W": W}
+    def simulated(self, comm: float = 0.0) -> Timeline:
+        """The simulator's timeline of the planned order with this run's measured per-stage costs (and comm per
+        message between ranks: pass self.message_s for the measured one)."""
+        return simulate_schedule(self.planned, comm=comm, **self.stage_costs())
 
     def to_json(self) -> dict:
         """The CLI's last line."""
@@ -391,7 +426,8 @@ class RunResult:
                 "steps": self.config.steps, "makespan_s": round(self.makespan_s, 6),
                 "busy_s": [round(b, 6) for b in self.busy_s], "idle_s": [round(i, 6) for i in self.idle_s],
                 "bubble_fraction": round(self.bubble_fraction, 4), "max_grad_diff": self.max_grad_diff,
-                "max_loss_diff": self.max_loss_diff, "losses": [round(v, 5) for v in self.losses]}
+                "max_loss_diff": self.max_loss_diff, "message_s": round(self.message_s, 6),
+                "losses": [round(v, 5) for v in self.losses]}
 
 
 def assemble(config: RunConfig, backend: str, gathered: dict) -> RunResult:
@@ -418,7 +454,8 @@ def assemble(config: RunConfig, backend: str, gathered: dict) -> RunResult:
         makespan_s=median.makespan, busy_s=median.busy, idle_s=median.idle, bubble_fraction=median.bubble_fraction,
         max_grad_diff=max(s["grad_diff"] for r in records for s in r["steps"]),
         max_loss_diff=max(abs(s["loss"] - s["reference_loss"]) for s in last_rank["steps"]),
-        losses=[s["loss"] for s in last_rank["steps"]], timeline=median, step_timelines=timelines)
+        message_s=records[0]["message_s"], losses=[s["loss"] for s in last_rank["steps"]], timeline=median,
+        step_timelines=timelines)
 
 
 def run_pipeline(config: RunConfig | None = None, **overrides: Any) -> RunResult:

@@ -179,10 +179,10 @@ def one_f_one_b(P: int, M: int) -> Schedule:
 
 
 def zb_h1(P: int, M: int) -> Schedule:
-    """ZB-H1 (zero-bubble paper, section 3.1): 1F1B with each backward split into I and W. Stage s runs the W of
-    its first s micro-batches late (at the very end, where it would otherwise idle); that shortens its early
-    cycles, so input gradients travel back to stage 0 sooner. Same order as torch's ScheduleInterleavedZeroBubble
-    with one stage per rank."""
+    """ZB-H1 (zero-bubble paper, section 3.1: 1F1B's memory, bubble (P-1)(F+B-2W)) written as one rule on 1F1B
+    with each backward split into I and W: stage s runs the W of its first s micro-batches late (at the very end,
+    where it would otherwise idle); that shortens its early cycles, so input gradients travel back to stage 0
+    sooner. The same order as torch's ScheduleInterleavedZeroBubble with one stage per rank."""
     _need_microbatches("zb-h1", M, P, "stage 0 runs stages warm-up forwards before its first backward")
     devices = []
     for s in range(P):
