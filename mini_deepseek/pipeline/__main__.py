@@ -19,7 +19,9 @@ from .run import TORCH_SCHEDULES, RunConfig, RunResult, assemble, pipeline_worke
 
 
 def parse_args(argv: list[str] | None = None) -> RunConfig:
-    parser = argparse.ArgumentParser(prog="python -m mini_deepseek.pipeline", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m mini_deepseek.pipeline", description=__doc__.splitlines()[0],
+                                     epilog="Each option is a field of RunConfig (mini_deepseek/pipeline/run.py), "
+                                            "where a comment gives its meaning.")
     defaults = RunConfig()
     parser.add_argument("--schedule", default=defaults.schedule, choices=tuple(TORCH_SCHEDULES))
     for field in dataclasses.fields(RunConfig):
