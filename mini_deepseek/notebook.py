@@ -13,6 +13,7 @@ import math
 import os
 import platform
 import random
+import re
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -104,11 +105,22 @@ def text_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(lines)
 
 
-def training_summary(label: str, history: History, cfg: TrainConfig, seconds: float) -> str:
-    """One line per training run: steps, tokens, time, and the last training and validation losses."""
-    tokens = len(history.train) * cfg.batch_size * cfg.seq_len
-    line = (f"{label}: {len(history.train)} steps, {tokens:,} tokens in {seconds:.0f} s "
-            f"({tokens / max(seconds, 1e-9):,.0f} tokens/s); last step loss {history.train[-1]['loss']:.3f}")
+def visible_runs(text: str, min_run: int = 16) -> str:
+    """text with every run of min_run or more spaces written as "<N spaces>": a small model's generation often
+    gets stuck in indentation, and a printed run of a hundred blanks reads as nothing at all."""
+    return re.sub(f" {{{min_run},}}", lambda run: f"<{len(run[0])} spaces>", text)
+
+
+def training_summary(label: str, history: History, cfg: TrainConfig, seconds: float, since_step: int = 0) -> str:
+    """One line per training run: steps, tokens, time, and the last training and validation losses.
+
+    since_step: the step a resumed run started from (its history also holds the steps before, from the checkpoint).
+    """
+    steps = sum(1 for record in history.train if record["step"] > since_step)
+    tokens = steps * cfg.batch_size * cfg.seq_len
+    line = (f"{label}: {steps} steps, {tokens:,} tokens in {seconds:.1f} s "
+            f"({tokens / max(seconds, 1e-9):,.0f} tokens/s); last step ({history.train[-1]['step']}) loss "
+            f"{history.train[-1]['loss']:.3f}")
     if history.evals:
         line += f", val loss {history.evals[-1]['val_loss']:.3f} at step {history.evals[-1]['step']}"
     return line

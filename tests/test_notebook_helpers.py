@@ -53,12 +53,18 @@ def test_kv_cache_calculator_prints_a_table_without_ipywidgets(monkeypatch, caps
     assert "MLA (absorbed cache)  15,552" in out  # V2-Lite: (512 + 64) x 27 layers, in an aligned text table
 
 
+def test_visible_runs_names_long_runs_of_spaces_only():
+    assert nb.visible_runs("def f():\n        return" + " " * 40 + "x") == "def f():\n        return<40 spaces>x"
+
+
 def test_training_summary_is_one_line():
     history = History(train=[{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.5}],
                       evals=[{"step": 2, "val_loss": 2.75}])
     line = nb.training_summary("MHA, seed 0", history, TrainConfig(batch_size=4, seq_len=8), seconds=2.0)
-    assert line == ("MHA, seed 0: 2 steps, 64 tokens in 2 s (32 tokens/s); last step loss 2.500, "
+    assert line == ("MHA, seed 0: 2 steps, 64 tokens in 2.0 s (32 tokens/s); last step (2) loss 2.500, "
                     "val loss 2.750 at step 2")
+    resumed = nb.training_summary("resumed", history, TrainConfig(batch_size=4, seq_len=8), 1.0, since_step=1)
+    assert resumed.startswith("resumed: 1 steps, 32 tokens in 1.0 s")
 
 
 def test_run_time_reports_mode_and_duration(monkeypatch, capsys):
