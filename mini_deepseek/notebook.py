@@ -41,6 +41,7 @@ def quick_mode() -> bool:
 
 
 def device_name() -> str:
+    """The GPU's name, or "CPU (N cores)"."""
     return torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({os.cpu_count()} cores)"
 
 
