@@ -154,7 +154,7 @@ class RoutedExperts(nn.Module):
                 continue
             token, slot = torch.where(indices == e)  # the tokens that chose expert e, and where in their top-k
             gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
-            y[token] += F.linear(F.silu(gate) * up, w_down[e]) * weights[token, slot, None]
+            y.index_add_(0, token, F.linear(F.silu(gate) * up, w_down[e]) * weights[token, slot, None])  # y[token] +=
         return y
 
 
