@@ -101,7 +101,9 @@ def speculative_generate(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tok
                              verified when d_1 .. d_{k-1} were accepted); NaN for a depth never verified
         "tokens_per_forward" new tokens per main-model forward, prefill included (model.generate: 1.0)
         "tokens_per_s"       new tokens of all rows per second of wall clock, prefill included
-    and the counts behind them: "proposed" and "accepted" per depth, "forwards", "new_tokens", "seconds".
+    and the counts behind them: "proposed" and "accepted" per depth, "forwards", "new_tokens", "seconds", and
+    "draft_depth" [B, max_new_tokens]: for each new token, the depth k of the accepted draft it is, or 0 for a token
+    the main model chose itself (after the prefill, a correction or a bonus token).
     """
     started = time.perf_counter()
     if not isinstance(model, DeepSeekV3):
@@ -136,7 +138,7 @@ def speculative_generate(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tok
         "tokens_per_forward": max_new_tokens / counts["forwards"] if counts["forwards"] else float("nan"),
         "tokens_per_s": B * max_new_tokens / seconds,
         "proposed": proposed, "accepted": accepted, "forwards": counts["forwards"],
-        "new_tokens": max_new_tokens, "seconds": seconds,
+        "new_tokens": max_new_tokens, "seconds": seconds, "draft_depth": counts["draft_depth"][:, T:],
     }
 
 
@@ -145,7 +147,8 @@ def _decode(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, tem
     """speculative_generate's loop, on checked arguments."""
     B, T = input_ids.shape
     total = T + max_new_tokens
-    counts = {"proposed": [0] * n_draft, "accepted": [0] * n_draft, "forwards": 0}
+    depth = torch.zeros(B, total, dtype=torch.long, device=input_ids.device)  # which draft depth emitted each token
+    counts = {"proposed": [0] * n_draft, "accepted": [0] * n_draft, "forwards": 0, "draft_depth": depth}
     if max_new_tokens == 0:
         return input_ids, counts
     device, w = input_ids.device, model.embed_tokens.weight
@@ -198,11 +201,53 @@ def _decode(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, tem
             counts["proposed"][k - 1] += sum(per_count[k - 1:])  # d_k verified: d_1 .. d_{k-1} accepted
             counts["accepted"][k - 1] += sum(per_count[k:])
         j = next(i for i, c in enumerate(per_count) if c)  # the fewest drafts any row accepted
+        depth[:, n:n + j] = torch.arange(1, j + 1, device=depth.device)
         if j < g:  # rows that accepted more keep their accepted d_{j+1}
             correction = torch.where(accepted > j, drafts[:, j], correction)
+            depth[:, n + j] = torch.where(accepted > j, j + 1, 0)
         tokens[:, n + j] = correction  # tokens n .. n+j-1 hold the drafts all rows accepted
         for k in range(1, g + 1):  # module k's entry at i read tokens up to i + k: valid while i + k <= n + j
             valid[k - 1] = min(n - 1, n + j + 1 - k)
         n += j + 1
         counts["forwards"] += 1
     return tokens, counts
+
+
+def measure_speedup(model: DeepSeekV3, prompts: list[torch.Tensor], max_new_tokens: int, n_draft: int | None = None,
+                    repeats: int = 3) -> dict:
+    """Greedy decoding of each prompt [1, T] by model.generate and by speculative_generate, timed in turns (plain,
+    speculative, plain, ...) so that both meet the same load of a shared machine; `repeats` passes over the prompts.
+
+    Returns {"plain_tokens_per_s", "speculative_tokens_per_s", "speedup"} (each pass's total tokens over its total
+    time; the median pass), "tokens_per_forward" and "acceptance" (per depth, over all prompts), "same_tokens"
+    (whether every speculative output equalled model.generate's) and "passes" (the speed-up of every pass).
+    """
+    if repeats < 1 or not prompts:
+        raise ValueError(f"need at least one prompt and one repeat, got {len(prompts)} and {repeats}")
+    speedups, plain_rates, fast_rates, same = [], [], [], True
+    depths = len(model.mtp) if n_draft is None else n_draft
+    proposed, accepted, forwards = [0] * depths, [0] * depths, 0
+    for _ in range(repeats):
+        plain_s = fast_s = 0.0
+        for prompt in prompts:
+            start = time.perf_counter()
+            expected = model.generate(prompt, max_new_tokens)
+            plain_s += time.perf_counter() - start
+            tokens, stats = speculative_generate(model, prompt, max_new_tokens, n_draft=n_draft)
+            fast_s += stats["seconds"]
+            same &= torch.equal(tokens, expected)
+            proposed = [a + b for a, b in zip(proposed, stats["proposed"], strict=True)]
+            accepted = [a + b for a, b in zip(accepted, stats["accepted"], strict=True)]
+            forwards += stats["forwards"]
+        n_tokens = sum(p.shape[0] for p in prompts) * max_new_tokens
+        plain_rates.append(n_tokens / plain_s)
+        fast_rates.append(n_tokens / fast_s)
+        speedups.append(plain_s / fast_s)
+    middle = sorted(range(repeats), key=speedups.__getitem__)[repeats // 2]  # the median pass
+    return {
+        "plain_tokens_per_s": plain_rates[middle], "speculative_tokens_per_s": fast_rates[middle],
+        "speedup": speedups[middle], "passes": speedups,
+        "tokens_per_forward": repeats * sum(p.shape[0] for p in prompts) * max_new_tokens / forwards,
+        "acceptance": [a / p if p else float("nan") for a, p in zip(accepted, proposed, strict=True)],
+        "same_tokens": same,
+    }

@@ -51,6 +51,10 @@ def test_greedy_equals_generate_on_a_trained_model(trained, mode, n_draft):
         accepted = [a + b for a, b in zip(accepted, stats["accepted"], strict=True)]
         assert stats["forwards"] * stats["tokens_per_forward"] == pytest.approx(40)
         assert 1 <= stats["tokens_per_forward"] <= n_draft + 1
+        # every round emits its accepted drafts, then one token of the main model's own
+        depth = stats["draft_depth"][0]
+        assert int((depth == 0).sum()) == stats["forwards"] and int((depth > 0).sum()) == sum(stats["accepted"])
+        assert [int((depth == k).sum()) for k in range(1, n_draft + 1)] == stats["accepted"]
     assert all(a > 20 for a in accepted), accepted  # the trained drafts are good: most rounds gain n_draft + 1
 
 
