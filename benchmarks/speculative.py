@@ -40,7 +40,7 @@ from mini_deepseek.speculative import measure_speedup, speculative_generate
 from mini_deepseek.tokenizer import ByteTokenizer
 from mini_deepseek.train import TrainConfig, train
 
-TOY_STEPS = 200  # the notebook's full-mode training
+TOY_STEPS = 150  # the notebook's full-mode training
 
 
 def toy_model(path: str, steps: int) -> DeepSeekV3:
@@ -76,7 +76,8 @@ def hf_benchmark(args: argparse.Namespace) -> None:
     except ImportError:
         print("\ntransformers is not installed: no comparison with its DeepseekV3 (pip install -e '.[hf]')")
         return
-    prompt_len, new_tokens, steps = (128, 16, 10) if args.quick else (1024, 128, args.hf_steps)
+    prompt_len, new_tokens = (128, 16) if args.quick else (1024, 128)
+    steps = args.hf_steps if args.hf_steps is not None else 10 if args.quick else 150
     torch.manual_seed(0)
     ours = DeepSeekV3(ModelConfig.preset("toy", **{**BENCH_CONFIG, "n_mtp_modules": 1}))
     dataset = TokenDataset.from_text(arithmetic_text(20_000, seed=0))
@@ -121,7 +122,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer, shorter generations; a few training steps")
     parser.add_argument("--checkpoint", default=str(CHECKPOINT_DIR), help="the toy's save_pretrained folder")
     parser.add_argument("--toy-steps", type=int, default=TOY_STEPS, help="training steps when no checkpoint exists")
-    parser.add_argument("--hf-steps", type=int, default=150, help="training steps of the decode_vs_hf geometry")
+    parser.add_argument("--hf-steps", type=int, default=None,
+                        help="training steps of the decode_vs_hf geometry (default 150, 10 with --quick)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--skip-hf", action="store_true", help="only the toy")

@@ -13,7 +13,6 @@ The figures are in mtp_plots.py (matplotlib is a course dependency, not a librar
 from __future__ import annotations
 
 import html
-import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -151,9 +150,15 @@ def expected_tokens_per_round(acceptance: Sequence[float]) -> float:
     return total
 
 
-def mean_or_nan(values: Sequence[float]) -> float:
-    values = [v for v in values if v == v]
-    return statistics.fmean(values) if values else float("nan")
+def repeated_fraction(tokens: Sequence[int], n: int = 8) -> float:
+    """The share of the n-token windows of tokens that already occurred earlier in it: near 1 for text caught in a
+    loop (which any draft predicts easily), near 0 for text that keeps saying new things."""
+    windows = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    seen, repeats = set(), 0
+    for window in windows:
+        repeats += window in seen
+        seen.add(window)
+    return repeats / len(windows) if windows else float("nan")
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -95,7 +95,9 @@ def speculative_generate(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tok
     """Append max_new_tokens to input_ids [B, T] as model.generate does (greedy at temperature 0, else nucleus
     sampling), drafting with the model's MTP modules and verifying with one main-model forward per round.
 
-    n_draft: drafts per round, D (default: every MTP module; fewer uses the first modules only). Returns (tokens
+    The rows of a batch are prompts of one length (no padding mask: left-padded batches go to model.generate), and
+    every row gets exactly max_new_tokens (no stop token). n_draft: drafts per round, D (default: every MTP module;
+    fewer uses the first modules only). Returns (tokens
     [B, T + max_new_tokens], stats) with stats:
         "acceptance"         per draft depth k, the share of drafts d_k accepted among those verified (d_k is
                              verified when d_1 .. d_{k-1} were accepted); NaN for a depth never verified
@@ -214,13 +216,15 @@ def _decode(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, tem
 
 
 def measure_speedup(model: DeepSeekV3, prompts: list[torch.Tensor], max_new_tokens: int, n_draft: int | None = None,
-                    repeats: int = 3) -> dict:
-    """Greedy decoding of each prompt [1, T] by model.generate and by speculative_generate, timed in turns (plain,
+                    repeats: int = 3, temperature: float = 0.0, seed: int = 0) -> dict:
+    """Decoding of each prompt [1, T] by model.generate and by speculative_generate, timed in turns (plain,
     speculative, plain, ...) so that both meet the same load of a shared machine; `repeats` passes over the prompts.
+    Greedy at temperature 0; else both sample with generators seeded from `seed` (they draw different tokens).
 
     Returns {"plain_tokens_per_s", "speculative_tokens_per_s", "speedup"} (each pass's total tokens over its total
     time; the median pass), "tokens_per_forward" and "acceptance" (per depth, over all prompts), "same_tokens"
-    (whether every speculative output equalled model.generate's) and "passes" (the speed-up of every pass).
+    (greedy: whether every speculative output equalled model.generate's; None when sampling) and "passes" (the
+    speed-up of every pass).
     """
     if repeats < 1 or not prompts:
         raise ValueError(f"need at least one prompt and one repeat, got {len(prompts)} and {repeats}")
@@ -229,11 +233,13 @@ def measure_speedup(model: DeepSeekV3, prompts: list[torch.Tensor], max_new_toke
     proposed, accepted, forwards = [0] * depths, [0] * depths, 0
     for _ in range(repeats):
         plain_s = fast_s = 0.0
-        for prompt in prompts:
+        for i, prompt in enumerate(prompts):
+            generators = [torch.Generator(prompt.device).manual_seed(seed + i) for _ in range(2)]
             start = time.perf_counter()
-            expected = model.generate(prompt, max_new_tokens)
+            expected = model.generate(prompt, max_new_tokens, temperature, generator=generators[0])
             plain_s += time.perf_counter() - start
-            tokens, stats = speculative_generate(model, prompt, max_new_tokens, n_draft=n_draft)
+            tokens, stats = speculative_generate(model, prompt, max_new_tokens, temperature, n_draft=n_draft,
+                                                 generator=generators[1])
             fast_s += stats["seconds"]
             same &= torch.equal(tokens, expected)
             proposed = [a + b for a, b in zip(proposed, stats["proposed"], strict=True)]
@@ -249,5 +255,5 @@ def measure_speedup(model: DeepSeekV3, prompts: list[torch.Tensor], max_new_toke
         "speedup": speedups[middle], "passes": speedups,
         "tokens_per_forward": repeats * sum(p.shape[0] for p in prompts) * max_new_tokens / forwards,
         "acceptance": [a / p if p else float("nan") for a, p in zip(accepted, proposed, strict=True)],
-        "same_tokens": same,
+        "same_tokens": same if temperature == 0 else None,
     }

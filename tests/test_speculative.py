@@ -316,3 +316,14 @@ def test_non_finite_logits_raise(trained):
         broken.mtp[0].eh_proj.weight.fill_(float("nan"))  # the draft's logits are NaN, the main model's are fine
     with pytest.raises(RuntimeError, match="not finite"):
         speculative_generate(broken, torch.tensor([[1, 2, 3]]), 5)
+
+
+def test_measure_speedup_reports_both_decoders(trained):
+    prompts = [runs_of_four(1, 6, torch.Generator().manual_seed(s)) for s in (1, 2)]
+    greedy = speculative.measure_speedup(trained, prompts, 12, n_draft=2, repeats=1)
+    assert greedy["same_tokens"] is True and len(greedy["passes"]) == 1 and len(greedy["acceptance"]) == 2
+    assert greedy["speedup"] == pytest.approx(greedy["speculative_tokens_per_s"] / greedy["plain_tokens_per_s"])
+    sampled = speculative.measure_speedup(trained, prompts, 12, n_draft=1, repeats=1, temperature=1.0)
+    assert sampled["same_tokens"] is None and len(sampled["acceptance"]) == 1
+    with pytest.raises(ValueError, match="at least one prompt"):
+        speculative.measure_speedup(trained, [], 12)
