@@ -37,7 +37,7 @@ def use_kernels(x: torch.Tensor, fp8: bool = False) -> bool:
     GPU such as the A100 it runs the reference arithmetic instead of stopping at the kernels' error.
     """
     if _mode == "auto":
-        if kernels.backend() != "triton" or not x.is_cuda:
+        if kernels.backend(x.device) != "triton":  # compiled Triton, and x on the GPU
             return False
         return not fp8 or torch.cuda.get_device_capability(x.device) >= (8, 9)
     return _mode == "on"

@@ -181,7 +181,7 @@ def test_auto_switch_keeps_fp8_off_gpus_without_fp8(monkeypatch):
     from mini_deepseek import kernel_switch
 
     on_gpu = SimpleNamespace(is_cuda=True, device="cuda:0")  # all the switch reads of a tensor
-    monkeypatch.setattr(kernels, "backend", lambda: "triton")
+    monkeypatch.setattr(kernels, "_backend", "triton")  # compiled Triton, as on a machine with CUDA
     for capability, fp8_expected in [((8, 0), False), ((9, 0), True)]:  # A100, H100/H200
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert kernel_switch.use_kernels(on_gpu) is True
