@@ -161,18 +161,44 @@ def test_fused_moe_equals_the_expert_loop_and_training_takes_the_loop(monkeypatc
 
 
 @interpreted
-def test_interpreted_triton_kernels_on_a_model_with_several_k_steps():
+def test_interpreted_triton_kernels_on_a_model_with_several_k_steps(monkeypatch):
+    """Every FP8 kernel call of a forward pass against kernels.reference on the very same inputs. The reference's
+    result is what the model carries on with, so each call sees the model's real activations, and an E4M3 rounding
+    tie that float32 sums in another order cross in one layer (one element then moves by 1/8 of itself, which moved
+    the logits of this random model by up to 1.6e-2 when simulated) cannot spread to the next."""
     fp8 = quantize_to_fp8(preset_model("toy", **SEVERAL_K_STEPS))
-    x = ids(1, 12)
+    kernels.set_backend("triton")  # interpreted
+    set_kernels("on")
+    calls = {name: 0 for name in ("act_quant", "fp8_gemm", "fused_moe")}
+
+    def compared(name: str):
+        kernel, reference = getattr(kernels, name), getattr(kernels.reference, name)
+
+        def run_both(*args, **kwargs):
+            out, ref = kernel(*args, **kwargs), reference(*args, **kwargs)
+            calls[name] += 1
+            if name == "act_quant":  # bit for bit
+                assert torch.equal(out[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(out[1], ref[1])
+                return ref
+            # float32 sums in another order: a few units in the last place (the kernel tests measure at most 8e-7
+            # of the largest output); in fused_moe, besides, a SwiGLU output on an E4M3 tie can round the other way and
+            # move its token by up to a few percent (see check_moe in tests/kernels/test_fused_moe.py): one token in
+            # 8 (at least one) may. A wrong scale or a skipped quantization step moves every token.
+            err, largest = (out.float() - ref.float()).abs(), ref.float().abs().max()
+            tokens_off = (err > 1e-5 * largest).reshape(-1, err.shape[-1]).any(dim=1)
+            allowed = max(1, len(tokens_off) // 8) if name == "fused_moe" else 0
+            assert tokens_off.sum() <= allowed and (err <= 2**-4 * largest).all(), (
+                f"{name}: {int(tokens_off.sum())} tokens off, largest error {(err / largest).max():.2e}")
+            return ref
+
+        monkeypatch.setattr(kernels, name, run_both)
+
+    for name in calls:
+        compared(name)
     with torch.no_grad():
-        set_kernels("off")
-        reference = fp8(x)  # the same FP8 arithmetic in plain PyTorch
-        kernels.set_backend("triton")  # interpreted
-        set_kernels("on")
-        out = fp8(x)
-    # Float32 sums in another order, which can also move an activation across an E4M3 rounding tie (one element
-    # by 1/8 of itself, rarely); a wrong scale or a skipped quantization step moves the logits by percents.
-    assert relative_error(out, reference) < 1e-4, relative_error(out, reference)
+        fp8(ids(1, 12))
+    linears = sum(isinstance(m, FP8Linear) for m in fp8.modules())  # 16: attention, dense MLP, shared expert
+    assert calls == {"act_quant": linears, "fp8_gemm": linears, "fused_moe": 1}, calls
 
 
 def test_every_path_runs_with_the_plain_pytorch_backend():
