@@ -207,7 +207,8 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     I = model.config.moe_inter_dim
     q, s = fp8["model.layers.2.mlp.experts.5.up_proj.weight"], fp8["model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"]
     # float32 codes times float32 scales: one rounding, the same in the loader as here
-    torch.testing.assert_close(loaded.layers[2].mlp.experts.w_gate_up[5, I:], dequantize_fp8(q, s, block), rtol=0, atol=0)
+    torch.testing.assert_close(loaded.layers[2].mlp.experts.w_gate_up[5, I:], dequantize_fp8(q, s, block),
+                               rtol=0, atol=0)
     q, s = fp8[kv + ".weight"], fp8[kv + ".weight_scale_inv"]
     torch.testing.assert_close(loaded.layers[1].self_attn.kv_a_proj_with_mqa.weight, dequantize_fp8(q, s, block),
                                rtol=0, atol=0)

@@ -126,7 +126,7 @@ def test_fp8_forward_close_to_plain(models):
     assert min_error < error < max_error and agree > min_agree
 
 
-# --- fused_moe and the FP8 kernels, interpreted ------------------------------------------------------------------------
+# --- fused_moe and the FP8 kernels, interpreted ---------------------------------------------------------------------
 # Small shapes (the interpreter is slow), but more than one 128-wide K step in every kernel GEMM: dim 256 and
 # moe_inter_dim 192, whose gate and up rows also share a 128-row block of w_gate_up's scales.
 SEVERAL_K_STEPS = dict(dim=256, inter_dim=384, moe_inter_dim=192, n_layers=2, n_dense_layers=1, n_routed_experts=4,
