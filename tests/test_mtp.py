@@ -30,6 +30,8 @@ def test_eh_proj_takes_the_normalized_embedding_first():
     with torch.no_grad():
         out = module(h_prev, emb_next, freqs)
         assert torch.equal(out, module(other_h_prev, emb_next, freqs))  # the hidden state sits in the zero half
-        # ... and the first half is the embedding under enorm's gains: the block runs on exactly that.
-        expected = Block.forward(module, rms_norm(emb_next, module.enorm.weight, cfg.norm_eps), freqs)
+        # ... and the first half is the embedding under enorm's gains: the block runs on exactly that (and the
+        # module's output is the block's, normalized for the shared head).
+        expected = module.shared_head.norm(Block.forward(module, rms_norm(emb_next, module.enorm.weight, cfg.norm_eps),
+                                                         freqs))
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
