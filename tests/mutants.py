@@ -245,6 +245,13 @@ MUTANTS: list[Mutant] = [
     Mutant("training never updates the routing bias", "mini_deepseek/train.py",
            "            model.update_routing_bias()\n", "            pass\n",
            ("tests/test_train.py::test_training_updates_the_routing_bias",)),
+    # --- pipeline schedules (notebook 05) -----------------------------------------------------------------------
+    Mutant("1F1B: one warm-up forward too few on every stage", "mini_deepseek/pipeline/schedules.py",
+           "    warmup = P - 1 - s\n", "    warmup = max(P - 2 - s, 0)\n",
+           ("tests/test_pipeline.py::test_idle_time_equals_the_closed_form_on_every_device",)),
+    Mutant("DualPipe's bubble with zero-bubble's 2W instead of its own 3W", "mini_deepseek/pipeline/simulate.py",
+           '"dualpipe": (P // 2 - 1) * (FB + B - 3 * W)', '"dualpipe": (P // 2 - 1) * (FB + B - 2 * W)',
+           ("tests/test_pipeline.py::test_idle_time_equals_the_closed_form_on_every_device",)),
     # --- exercise solutions (the graded tests must tell these apart from the right answers) ---------------------
     Mutant("exercise rms_norm computed in bf16 (the docstring asks float32)", "solutions/ex00_basics.py",
            "    x32 = x.float()\n    normalized = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)\n"
