@@ -152,3 +152,11 @@ def test_dataset_errors():
         dataset.get_batch(0, 2, 4, split="test")
     with pytest.raises(ValueError, match="val_fraction"):
         TokenDataset(torch.arange(10), val_fraction=1.0)
+
+
+def test_batches_depend_on_the_dataset_seed():
+    # Two datasets that differ only in their seed draw different windows at the same step; the same seed, the same.
+    tokens = torch.randint(0, 264, (5000,), generator=torch.Generator().manual_seed(0))
+    batches = {seed: TokenDataset(tokens, seed=seed).get_batch(4, 4, 32)[0] for seed in (0, 1, 2)}
+    assert not torch.equal(batches[0], batches[1]) and not torch.equal(batches[1], batches[2])
+    assert torch.equal(batches[1], TokenDataset(tokens.clone(), seed=1).get_batch(4, 4, 32)[0])
