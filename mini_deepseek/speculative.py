@@ -32,6 +32,8 @@ drafts lie beyond the accepted positions, attention only ever reads positions up
 (attention_ops.write_cache returns the filled part), and the next forward overwrites them. Module k at position i
 reads h^{k-1}_i and token i + k; its cache entry at i stays valid when all of those tokens are confirmed, so after
 a round only the positions whose inputs changed are recomputed, in the same forward that drafts the next token.
+(A stale entry never changes the output, only the drafts: tests/test_speculative.py checks that every draft is what
+the training forward of the modules predicts from the same tokens.)
 
 Batches: rows decode in lock step. Each row runs the accept rule on its own; the round keeps the smallest number
 of accepted drafts j over the rows, and each row's token after them is its own accepted draft d_{j+1} where it
@@ -208,8 +210,11 @@ def _decode(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tokens: int, tem
             correction = torch.where(accepted > j, drafts[:, j], correction)
             depth[:, n + j] = torch.where(accepted > j, j + 1, 0)
         tokens[:, n + j] = correction  # tokens n .. n+j-1 hold the drafts all rows accepted
-        for k in range(1, g + 1):  # module k's entry at i read tokens up to i + k: valid while i + k <= n + j
-            valid[k - 1] = min(n - 1, n + j + 1 - k)
+        # Module k's entry at i read tokens up to i + k. Tokens up to n + j - 1 are what the modules read; token
+        # n + j was d_{j+1} when they read it and is now the correction (unless every draft passed): the entries
+        # that read it, i + k = n + j, are stale and recomputed next round with the ones after them.
+        for k in range(1, g + 1):
+            valid[k - 1] = min(n - 1, n + j - k)
         n += j + 1
         counts["forwards"] += 1
     return tokens, counts

@@ -81,6 +81,43 @@ def test_greedy_equals_generate_whichever_drafts_fail(trained, mode):
             hook.remove()
 
 
+
+@pytest.mark.parametrize("mode", ["naive", "absorb"])
+def test_drafts_are_what_the_training_forward_predicts(trained, mode):
+    """The modules' caches roll back: every draft whose inputs were confirmed is what model(x, return_mtp=True)
+    predicts at that position from the final tokens. A stale cache entry (a module that read a rejected draft)
+    leaves the output right, greedy, but changes later drafts; this is where it shows."""
+    trained.set_mla_mode(mode)
+    records = []  # (depth k, last position p, the module's state there) for every drafting call
+
+    def record(k):
+        def hook(module, args, kwargs, out):
+            records.append((k, kwargs["start_pos"] + args[0].shape[1] - 1, out[0, -1].clone()))
+        return hook
+
+    compared = rejected = 0
+    for seed in range(3):
+        records.clear()
+        prompt = torch.randint(0, 264, (1, 9), generator=torch.Generator().manual_seed(seed))
+        hooks = [m.register_forward_hook(record(k), with_kwargs=True) for k, m in enumerate(trained.mtp, start=1)]
+        try:
+            tokens, stats = speculative_generate(trained, prompt, 48)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        rejected += stats["proposed"][0] - stats["accepted"][0]
+        _, mtp_logits = trained(tokens, return_mtp=True)  # depth k at p predicts token p + k + 1
+        rounds = {}
+        for k, p, state in records:  # one round: module k = 1 .. g at the same last position p = n - 2
+            rounds.setdefault(p, {})[k] = trained.lm_head(state).float()
+        for p, by_depth in rounds.items():
+            for k, logits in by_depth.items():
+                drafts = [int(by_depth[i].argmax()) for i in range(1, k)]  # d_1 .. d_{k-1}, read by module k
+                if drafts == tokens[0, p + 2:p + k + 1].tolist() and p < mtp_logits[k - 1].shape[1]:
+                    torch.testing.assert_close(logits, mtp_logits[k - 1][0, p], atol=1e-4, rtol=0)
+                    compared += k > 1
+    assert rejected > 0 and compared > 20, (rejected, compared)  # rollbacks happened, chained drafts were checked
+
 @pytest.mark.parametrize("mode", ["naive", "absorb"])
 @pytest.mark.parametrize("n_mtp", [1, 2])
 def test_greedy_equals_generate_on_random_models(mode, n_mtp):
