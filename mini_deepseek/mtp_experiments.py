@@ -13,6 +13,8 @@ The figures are in mtp_plots.py (matplotlib is a course dependency, not a librar
 from __future__ import annotations
 
 import html
+import statistics
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -138,6 +140,50 @@ def acceptance_by_temperature(model: DeepSeekV3, prompts: Sequence[torch.Tensor]
         out[temperature] = {"acceptance": [a / p if p else float("nan") for a, p in zip(accepted, proposed, strict=True)],
                             "tokens_per_forward": len(prompts) * max_new_tokens / forwards}
     return out
+
+
+@torch.no_grad()
+def round_cost_parts(model: DeepSeekV3, prompt: torch.Tensor, repeats: int = 30) -> dict:
+    """Where a speculative round's time goes, timed piece by piece after prefilling prompt [1, T] (seconds, the
+    median of `repeats` calls each, the pieces timed in turns so that all meet the same load): "step", one main-model forward of one position with the KV cache and the head
+    (what model.generate pays per token); "verify", the same over 1 + g positions for g = 1 .. D (the
+    verification); "draft", one position of MTP module k over its own cache and the head, k = 1 .. D. Each call
+    rewrites the same cache positions, so every repeat sees the same cache length."""
+    T = prompt.shape[1]
+    D = len(model.mtp)
+    device, w = prompt.device, model.embed_tokens.weight
+    cache = model.new_cache(1, T + D + 1)
+    h = model.hidden_states(prompt, 0, cache)  # prefill: [1, T, dim]
+    caches = [m.self_attn.new_cache(1, T + D + 1, w.dtype, device) for m in model.mtp]
+    states = [h]
+    for k, module in enumerate(model.mtp, start=1):  # prefill each module's cache over the positions it can see
+        n = T - k
+        states.append(module(states[-1][:, :n], model.embed_tokens(prompt[:, k:]), model.rope(0, n, device),
+                             start_pos=0, cache=caches[k - 1]))
+
+    last = prompt[:, -1:].expand(1, D + 1)  # any tokens do: the cost does not depend on which
+
+    def draft(k: int) -> None:
+        n = T - k  # module k rewrites its last prefilled position, n - 1
+        module = model.mtp[k - 1]
+        out = module(states[k - 1][:, n - 1:n], model.embed_tokens(prompt[:, -1:]), model.rope(n - 1, n, device),
+                     start_pos=n - 1, cache=caches[k - 1])
+        model.lm_head(out[:, -1]).float().argmax(dim=-1)
+
+    def forward(n: int) -> None:  # the main model over n positions, then its head
+        model.lm_head(model.hidden_states(last[:, :n], T, cache)).float().argmax(dim=-1)
+
+    pieces = [("step", lambda: forward(1))]
+    pieces += [("verify", lambda g=g: forward(g + 1)) for g in range(1, D + 1)]
+    pieces += [("draft", lambda k=k: draft(k)) for k in range(1, D + 1)]
+    times = [[] for _ in pieces]
+    for _ in range(repeats):
+        for (_, fn), spent in zip(pieces, times, strict=True):
+            start = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - start)
+    medians = [statistics.median(spent) for spent in times]
+    return {"step": medians[0], "verify": medians[1:D + 1], "draft": medians[D + 1:]}
 
 
 def expected_tokens_per_round(acceptance: Sequence[float]) -> float:
