@@ -214,6 +214,19 @@ class DeepSeekV3(nn.Module):
         w = self.embed_tokens.weight
         return [layer.self_attn.new_cache(batch_size, max_len, w.dtype, w.device) for layer in self.layers]
 
+    def check_generation(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                         caller: str) -> tuple[int, int]:
+        """The arguments generate and speculative_generate share, checked; returns (B, T) of input_ids."""
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
+                             f"{max_new_tokens}, {temperature}, {top_p}")
+        B, T = self._check_ids(input_ids, 0)
+        if T == 0:
+            raise ValueError(f"{caller} needs a prompt of at least one token")
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len = {self.config.max_seq_len}")
+        return B, T
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  use_cache: bool = True, eos_id: int | None = None, generator: torch.Generator | None = None,
@@ -227,14 +240,7 @@ class DeepSeekV3(nn.Module):
         alone. A row that emitted eos_id continues with pad_id (default: eos_id) only; generation stops once every
         row has. Non-finite logits raise a RuntimeError. Returns [B, T + new tokens].
         """
-        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
-                             f"{max_new_tokens}, {temperature}, {top_p}")
-        B, T = self._check_ids(input_ids, 0)
-        if T == 0:
-            raise ValueError("generate needs a prompt of at least one token")
-        if T + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len = {self.config.max_seq_len}")
+        B, T = self.check_generation(input_ids, max_new_tokens, temperature, top_p, "generate")
         pad_id = eos_id if pad_id is None else pad_id
         for name, token in (("eos_id", eos_id), ("pad_id", pad_id)):
             if token is not None and not 0 <= token < self.config.vocab_size:

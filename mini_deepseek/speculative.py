@@ -119,14 +119,7 @@ def speculative_generate(model: DeepSeekV3, input_ids: torch.Tensor, max_new_tok
     if isinstance(n_draft, bool) or not isinstance(n_draft, int) or not 1 <= n_draft <= len(model.mtp):
         raise ValueError(f"n_draft = {n_draft!r}: must be an integer from 1 to the model's {len(model.mtp)} MTP "
                          "module(s)")
-    if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-        raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
-                         f"{max_new_tokens}, {temperature}, {top_p}")
-    B, T = model._check_ids(input_ids, 0)
-    if T == 0:
-        raise ValueError("speculative_generate needs a prompt of at least one token")
-    if T + max_new_tokens > model.config.max_seq_len:
-        raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len = {model.config.max_seq_len}")
+    B, T = model.check_generation(input_ids, max_new_tokens, temperature, top_p, "speculative_generate")
     was_training = model.training
     if was_training:  # (Module.train walks every submodule: a cost per call worth skipping when already in eval)
         model.eval()
