@@ -40,7 +40,7 @@ from mini_deepseek.speculative import measure_speedup, speculative_generate
 from mini_deepseek.tokenizer import ByteTokenizer
 from mini_deepseek.train import TrainConfig, train
 
-TOY_STEPS = 150  # the notebook's full-mode training
+TOY_STEPS = 200  # the notebook's full-mode training
 
 
 def toy_model(path: str, steps: int) -> DeepSeekV3:
