@@ -54,6 +54,7 @@ class ModelConfig:
     norm_topk_prob: bool = True  # normalize the chosen k gating weights to sum to one (V3 yes, V2-Lite no)
     bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing (0 freezes the bias)
     seq_aux_alpha: float = 0.0001  # alpha of the complementary sequence-wise balance loss (0 disables it)
+    aux_loss_alpha: float = 0.0  # alpha of the classic expert-level balance loss over the whole batch (V2; 0 = off)
 
     # --- multi-token prediction --------------------------------------------------------------------------------
     n_mtp_modules: int = 1  # sequential MTP modules (depth D); V3 uses 1
@@ -94,7 +95,7 @@ class ModelConfig:
         for name in ["norm_eps", "init_std", "rope_theta", "rope_factor", "route_scale"]:
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 fail(name, "must be a positive number")
-        for name in ["bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "mscale", "mscale_all_dim"]:
+        for name in ["bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mtp_loss_weight", "mscale", "mscale_all_dim"]:
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 fail(name, "must be a non-negative number")
         if self.n_dense_layers > self.n_layers:
@@ -285,7 +286,7 @@ _HF_ROPE_NAMES = {  # HF rope_scaling / rope_parameters key -> our field
 
 # Our fields with no Hugging Face name, kept in config.json under "mini_deepseek" (transformers ignores the key).
 _COURSE_KEY = "mini_deepseek"
-_COURSE_FIELDS = ("mla_mode", "bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+_COURSE_FIELDS = ("mla_mode", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mtp_loss_weight")
 
 
 def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:

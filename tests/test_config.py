@@ -46,6 +46,7 @@ def test_v3_softmax_scale_has_the_yarn_correction():
         (dict(rope_factor=0.5), "rope_factor"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(n_heads=2.5), "n_heads"),
+        (dict(aux_loss_alpha=-0.01), "aux_loss_alpha"),
     ],
 )
 def test_invalid_configs_name_the_field(changes, field):
@@ -93,7 +94,8 @@ def test_from_hf_rejects_other_models():
 
 
 def test_hf_config_round_trip_keeps_the_course_fields():
-    cfg = ModelConfig.preset("toy", mla_mode="absorb", bias_update_speed=0.01, seq_aux_alpha=0.0, mtp_loss_weight=0.1)
+    cfg = ModelConfig.preset("toy", mla_mode="absorb", bias_update_speed=0.01, seq_aux_alpha=0.0, mtp_loss_weight=0.1,
+                             aux_loss_alpha=0.003)
     back = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
     assert back.to_dict() == {**cfg.to_dict(), "extra": back.extra}
     with pytest.raises(ValueError, match="unknown fields"):
