@@ -167,9 +167,9 @@ def test_mixed_corpus_labels_every_token_with_its_domain():
     for index, name in enumerate(DOMAINS):
         source = torch.tensor(list(sources[name].encode("utf-8")[:20_000]))
         assert torch.equal(tokens[domains == index].bincount(minlength=256), source.bincount(minlength=256)), name
-    # chunks end at line ends, so a domain changes only right after a newline
+    # chunks end at line ends (except the last of each domain, cut at 20,000 bytes)
     changes = (domains[1:] != domains[:-1]).nonzero().flatten()
-    assert len(changes) > 20 and all(tokens[i] == ord("\n") for i in changes.tolist())
+    assert len(changes) > 20 and sum(tokens[i] != ord("\n") for i in changes.tolist()) <= len(DOMAINS)
     again, _ = mixed_corpus(bytes_per_domain=20_000, chunk_bytes=1000, seed=3)
     other, _ = mixed_corpus(bytes_per_domain=20_000, chunk_bytes=1000, seed=4)
     assert torch.equal(tokens, again) and not torch.equal(tokens, other)
