@@ -245,6 +245,38 @@ def _check_same_weights(moe: MoE, group: dist.ProcessGroup | None) -> None:
                              f"build the layer from the same seed or checkpoint on every rank")
 
 
+def profile_expert_parallel(rank: int, world_size: int, layers: dict[str, tuple[dict, dict]], inputs: torch.Tensor,
+                            repeats: int = 5) -> dict[str, dict[str, Any]]:
+    """A run_processes worker: time trained MoE layers under expert parallelism.
+
+    layers: name -> (ModelConfig.to_dict(), MoE state_dict); inputs [W * B, T, dim]: rank r takes rows
+    r*B .. (r+1)*B - 1. For each layer: check the expert-parallel output against the whole layer on this rank's
+    tokens, then run `repeats` forward passes (no gradients) and return, per layer, the largest difference, the
+    wall time and every rank's counters (per forward call: divide by "calls").
+    """
+    from .config import ModelConfig
+
+    batch = inputs.shape[0] // world_size
+    x = inputs[rank * batch:(rank + 1) * batch]
+    profiles = {}
+    for name, (config, state) in layers.items():
+        moe = MoE(ModelConfig(**config))
+        moe.load_state_dict(state)
+        moe.eval()
+        with torch.no_grad():
+            expected = moe(x)
+            layer = ExpertParallelMoE(moe, sync_load=False)
+            difference = (layer(x) - expected).abs().max().item()
+            layer.reset_stats()
+            dist.barrier()
+            started = time.perf_counter()
+            for _ in range(repeats):
+                layer(x)
+            wall = (time.perf_counter() - started) / repeats
+        profiles[name] = {"max_difference": difference, "seconds_per_forward": wall, "ranks": layer.gather_stats()}
+    return profiles
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Starting W local processes in a process group
 
