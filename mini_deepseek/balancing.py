@@ -156,6 +156,31 @@ def evaluate_routing(model: nn.Module, tokens: torch.Tensor, domains: torch.Tens
     return RoutingEval(loss=loss_sum / n, load=load, n_tokens=n)
 
 
+@torch.no_grad()
+def capture_moe_inputs(model: nn.Module, layer: int, input_ids: torch.Tensor, batch_size: int = 64) -> torch.Tensor:
+    """What MoE layer model.layers[layer] receives (its normalized hidden states) for input_ids [B, T]: [B, T, dim]."""
+    captured: list[torch.Tensor] = []
+    hook = model.layers[layer].mlp.register_forward_pre_hook(lambda _m, args: captured.append(args[0]))
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            model(input_ids[start:start + batch_size])
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return torch.cat(captured)
+
+
+def dispatch_matrix(indices: torch.Tensor, world_size: int, n_experts: int) -> torch.Tensor:
+    """indices [N, k] of N tokens split evenly over world_size ranks (rank r owns tokens r*N/W ..) -> [W, W]:
+    token copies rank r sends to rank q, the owner of experts q*E/W .. (q+1)*E/W - 1, under expert parallelism."""
+    N, k = indices.shape
+    source = (torch.arange(N) * world_size // N).repeat_interleave(k)  # [N*k]
+    destination = indices.flatten().cpu() // (n_experts // world_size)
+    return torch.bincount(source * world_size + destination, minlength=world_size**2).view(world_size, world_size)
+
+
 def gate_gradient_interference(model: nn.Module, input_ids: torch.Tensor, targets: torch.Tensor
                                ) -> list[dict[str, float]]:
     """Per MoE layer: |grad of the auxiliary loss| / |grad of the LM loss| on the gate weights, and their cosine.
@@ -316,11 +341,30 @@ def domain_specialisation(load: torch.Tensor) -> float:
     each domain's distribution over experts and the distribution of all tokens (0: the domain does not matter;
     1: disjoint experts). load: [n_moe_layers, n_domains, E]."""
     load = load.float()
-    per_domain = load / load.sum(dim=-1, keepdim=True)  # [L, D, E]
+    per_domain = load / load.sum(dim=-1, keepdim=True).clamp_min(1)  # [L, D, E]; a domain with no tokens: zeros
     overall = load.sum(dim=1, keepdim=True) / load.sum(dim=(1, 2), keepdim=True)  # [L, 1, E]
-    weight = load.sum(dim=-1) / load.sum(dim=(1, 2))[:, None]  # [L, D] each domain's share of the tokens
+    weight = load.sum(dim=-1) / load.sum(dim=(1, 2))[:, None]  # [L, D] each domain's share of the tokens (0 if none)
     tv = 0.5 * (per_domain - overall).abs().sum(dim=-1)  # [L, D]
     return (tv * weight).sum(dim=1).mean().item()
+
+
+def plot_dispatch(matrices: dict[str, torch.Tensor]) -> plt.Figure:
+    """matrices: label -> [W, W] token copies sent from rank (row) to rank (column). One heatmap per label."""
+    fig, axes = plt.subplots(1, len(matrices), figsize=(4.6 * len(matrices), 3.8), squeeze=False)
+    for ax, (label, matrix) in zip(axes[0], matrices.items(), strict=True):
+        W = matrix.shape[0]
+        ax.imshow(matrix.numpy(), cmap="Blues", vmin=0)
+        for r in range(W):
+            for q in range(W):
+                ax.text(q, r, f"{int(matrix[r, q]):,}", ha="center", va="center", fontsize=9,
+                        color="white" if matrix[r, q] > 0.6 * matrix.max() else "black")
+        received = matrix.sum(dim=0)
+        ax.set_xticks(range(W), [f"rank {q}\n← {int(received[q]):,}" for q in range(W)])
+        ax.set_yticks(range(W), [f"rank {r}" for r in range(W)])
+        ax.set(title=f"{label}\nbusiest rank receives {received.max() / received.float().mean():.2f}x the mean",
+               xlabel="to (owner of the experts)", ylabel="from (owner of the tokens)")
+    fig.tight_layout()
+    return fig
 
 
 def plot_expert_parallel(profiles: dict[str, list[dict]], title: str = "") -> plt.Figure:

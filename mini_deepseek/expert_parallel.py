@@ -245,21 +245,21 @@ def _check_same_weights(moe: MoE, group: dist.ProcessGroup | None) -> None:
                              f"build the layer from the same seed or checkpoint on every rank")
 
 
-def profile_expert_parallel(rank: int, world_size: int, layers: dict[str, tuple[dict, dict]], inputs: torch.Tensor,
+def profile_expert_parallel(rank: int, world_size: int, layers: dict[str, tuple[dict, dict, torch.Tensor]],
                             repeats: int = 5) -> dict[str, dict[str, Any]]:
     """A run_processes worker: time trained MoE layers under expert parallelism.
 
-    layers: name -> (ModelConfig.to_dict(), MoE state_dict); inputs [W * B, T, dim]: rank r takes rows
+    layers: name -> (ModelConfig.to_dict(), MoE state_dict, inputs [W * B, T, dim]); rank r takes input rows
     r*B .. (r+1)*B - 1. For each layer: check the expert-parallel output against the whole layer on this rank's
     tokens, then run `repeats` forward passes (no gradients) and return, per layer, the largest difference, the
-    wall time and every rank's counters (per forward call: divide by "calls").
+    wall time per forward and every rank's counters (summed over the repeats: divide by "calls").
     """
     from .config import ModelConfig
 
-    batch = inputs.shape[0] // world_size
-    x = inputs[rank * batch:(rank + 1) * batch]
     profiles = {}
-    for name, (config, state) in layers.items():
+    for name, (config, state, inputs) in layers.items():
+        batch = inputs.shape[0] // world_size
+        x = inputs[rank * batch:(rank + 1) * batch]
         moe = MoE(ModelConfig(**config))
         moe.load_state_dict(state)
         moe.eval()

@@ -146,13 +146,14 @@ _HARMLESS_FIELDS = {"eval_every", "eval_batches", "log_every", "checkpoint_every
 
 def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
           callback: Callable[[History], None] | None = None, resume_from: str | os.PathLike | None = None,
-          stop_at_step: int | None = None) -> History:
+          stop_at_step: int | None = None, progress: bool = True) -> History:
     """Train model on dataset for cfg.steps steps and return the history.
 
     resume_from: a checkpoint folder to continue from (see latest_checkpoint); with the same cfg, the later
     losses are exactly those of an uninterrupted run. stop_at_step: stop (and save, if cfg.out_dir) after this
     step while the schedule still spans cfg.steps, as an interruption would. callback(history) runs every
-    cfg.log_every steps, e.g. to redraw a live loss plot.
+    cfg.log_every steps, e.g. to redraw a live loss plot. progress=False hides the progress bar (e.g. when a
+    grid of runs shows one bar of its own).
     """
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
@@ -170,7 +171,7 @@ def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
     model.train()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     window_loss, window_time, window_steps = 0.0, 0.0, 0
-    with tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step") as bar:
+    with tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress) as bar:
         for step in range(start_step + 1, last_step + 1):
             started = time.perf_counter()
             lr = lr_at(step, cfg)
