@@ -106,14 +106,15 @@ class ExpertParallelMoE(nn.Module):
         self.stats = ExpertParallelStats(torch.zeros(self.n_local, dtype=torch.long))
 
     # --- forward -----------------------------------------------------------------------------------------------
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x [B, T, dim] (this rank's tokens) -> [B, T, dim], equal to the wrapped moe(x). Every rank must call."""
+    def forward(self, x: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] (this rank's tokens) -> [B, T, dim], equal to the wrapped moe(x, counted). Every rank must
+        call. counted [B, T] bool: the tokens that enter the routing statistics (as MoE.forward)."""
         if x.dim() != 3 or x.shape[-1] != self.gate.weight.shape[1]:
             raise ValueError(f"ExpertParallelMoE expects x [batch, seq, {self.gate.weight.shape[1]}], "
                              f"got {tuple(x.shape)}")
         B, T, D = x.shape
         flat = x.reshape(B * T, D)
-        weights, indices = self.gate(flat, seq_len=T)  # [N, k] each
+        weights, indices = self.gate(flat, seq_len=T, counted=None if counted is None else counted.reshape(B * T))
         if self.sync_load:
             dist.all_reduce(self.gate.last_load, group=self.group)  # [E] tokens per expert over all ranks
         k = indices.shape[1]

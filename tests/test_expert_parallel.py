@@ -45,16 +45,17 @@ def equivalence_worker(rank: int, world_size: int, bias_changes: dict[int, float
     torch.manual_seed(1)  # every rank draws all inputs, then keeps its own slice
     x_all = torch.randn(world_size * BATCH, SEQ, TINY["dim"], device=device)
     grad_all = torch.randn_like(x_all)
+    counted_all = torch.rand(world_size * BATCH, SEQ, device=device) > 0.2  # e.g. targets of -100 left out
     mine = slice(rank * BATCH, (rank + 1) * BATCH)
 
     reference = copy.deepcopy(moe)
     x_ref = x_all.clone().requires_grad_(True)
-    y_ref = reference(x_ref)
+    y_ref = reference(x_ref, counted_all)
     (y_ref * grad_all).sum().backward()
 
     layer = ExpertParallelMoE(moe)
     x = x_all[mine].clone().requires_grad_(True)
-    y = layer(x)
+    y = layer(x, counted_all[mine])
     (y * grad_all[mine]).sum().backward()
 
     local = slice(layer.first_expert, layer.first_expert + layer.n_local)
@@ -70,8 +71,10 @@ def equivalence_worker(rank: int, world_size: int, bias_changes: dict[int, float
         "w_down_grad": relative(layer.experts.w_down.grad, reference.experts.w_down.grad[local]),
         "gate_grad": relative(replicated["gate"], reference.gate.weight.grad),
         "shared_grad": max(relative(replicated[n], shared_ref[n].grad) for n in shared_ref),
-        "load": layer.gate.last_load,  # all-reduced: the load over every rank's tokens
+        "load": layer.gate.last_load,  # all-reduced: the load over every rank's counted tokens
         "load_ref": reference.gate.last_load,
+        "slots_ref": torch.bincount(reference.gate(x_all.flatten(0, 1), seq_len=SEQ)[1].flatten(),
+                                    minlength=TINY["n_routed_experts"]),  # every token's k copies, counted or not
         "stats": layer.gather_stats(),
         "expert_grad_norm": layer.experts.w_gate_up.grad.norm(),
     }
@@ -115,7 +118,7 @@ def check_equivalence(results: list[dict], world_size: int) -> None:
     stats = results[0]["stats"]
     assert [s["rank"] for s in stats] == list(range(world_size))
     received = torch.cat([torch.tensor(s["tokens_per_expert"]) for s in stats])  # [E], ranks in order
-    assert torch.equal(received, results[0]["load_ref"].long())  # every slot arrived at its expert's rank
+    assert torch.equal(received, results[0]["slots_ref"])  # every token copy arrived at its expert's rank
     assert all(s["calls"] == 1 and s["exchange_seconds"] > 0 for s in stats)
 
 

@@ -122,6 +122,16 @@ def test_sequence_balance_loss_counts_the_top_k_of_the_unbiased_affinities(exerc
     assert scores.grad is not None and torch.isfinite(scores.grad).all() and scores.grad.abs().sum() > 0
 
 
+@pytest.mark.exercise("sequence_balance_loss")
+def test_sequence_balance_loss_matches_the_library_gate(exercise):
+    # a gate whose bias and group limit change the routing: the loss still counts the top-k of the unbiased s
+    gate = make_gate(n_expert_groups=4, n_limited_groups=2, seq_aux_alpha=0.05).train()
+    gate.e_score_correction_bias.uniform_(-0.4, 0.4)
+    x = torch.randn(3 * 11, 16)
+    gate(x, seq_len=11)
+    assert_close(exercise(affinities(gate, x).view(3, 11, 8), 2, 0.05), gate.balance_loss)
+
+
 # --- update_bias ---------------------------------------------------------------------------------------------------
 @pytest.mark.exercise("update_bias")
 def test_update_bias_hand_example(exercise):
