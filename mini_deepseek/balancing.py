@@ -229,11 +229,12 @@ def plot_gate_decision(gate: Gate, x: torch.Tensor) -> plt.Figure:
     axes[1].bar(experts, biased.tolist(), color=colors)
     axes[1].bar(experts, bias.tolist(), color="none", edgecolor="k", hatch="//", lw=0.5, label="bias b_i")
     axes[1].axhline(0, color="k", lw=0.8)
+    axes[1].set_ylim(min(0.0, bias.min().item()) - 0.05, biased.max().item() * 1.3)  # room for the legend
     title = f"2. select top-{gate.topk} of s_i + b_i (red)"
     if gate.n_groups > 1:
         title += f";\ngrey: groups outside the best {gate.topk_groups} of {gate.n_groups}"
     axes[1].set(title=title, xlabel="expert")
-    axes[1].legend(loc="upper right", fontsize=8)
+    axes[1].legend(loc="upper left", fontsize=8)
     gating = torch.zeros(E)
     gating[indices[0]] = weights[0].float()
     axes[2].bar(experts, gating.tolist(), color=["C3" if e in chosen else "C0" for e in experts])
@@ -263,10 +264,10 @@ def plot_maxvio_over_training(histories: dict[str, list[History]], smooth: int =
         eval_steps, _ = runs[0].series("val_maxvio_global")
         glob = torch.tensor([h.series("val_maxvio_global")[1] for h in runs]).mean(dim=0)
         ax_global.plot(eval_steps, glob.tolist(), "o-", color=colors[name], label=name, lw=1.5, ms=4)
-    ax_batch.set(xlabel="step", ylabel="MaxVio", yscale="symlog", title=f"MaxVio_batch (running mean of {smooth} steps)")
+    ax_batch.set(xlabel="step", ylabel="MaxVio", ylim=(0, None), title=f"MaxVio_batch (running mean of {smooth} steps)")
     ax_global.set(xlabel="step", title="MaxVio_global over the validation batches")
     for ax in (ax_batch, ax_global):
-        ax.grid(alpha=0.3, which="both")
+        ax.grid(alpha=0.3)
     ax_global.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
     return fig
@@ -282,7 +283,7 @@ def plot_loss_against_maxvio(results: dict[str, list[tuple[float, float]]]) -> p
         ax.errorbar(vio.mean().item(), loss.mean().item(), xerr=vio.std().item() if len(points) > 1 else None,
                     yerr=loss.std().item() if len(points) > 1 else None, fmt="o", ms=8, capsize=3,
                     color=colors[name], label=name)
-    ax.set(xscale="symlog", xlabel="MaxVio_global over the validation split (log scale; lower = more balanced)",
+    ax.set(xscale="log", xlabel="MaxVio_global over the validation split (log scale; lower = more balanced)",
            ylabel="validation loss (nats/byte)", title="quality against balance, per method (mean ± std over seeds)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
@@ -296,7 +297,8 @@ def plot_load_heatmaps(histories: dict[str, History], bins: int = 40) -> plt.Fig
     methods = list(histories)
     first = torch.tensor(histories[methods[0]].train[0]["expert_load"])
     n_layers, n_experts = first.shape
-    fig, axes = plt.subplots(len(methods), n_layers, figsize=(4.2 * n_layers, 2.6 * len(methods)), squeeze=False)
+    fig, axes = plt.subplots(len(methods), n_layers, figsize=(4.4 * n_layers + 1, 2.4 * len(methods)), squeeze=False,
+                             sharex=True, layout="constrained")
     for row, name in enumerate(methods):
         loads = torch.tensor([r["expert_load"] for r in histories[name].train], dtype=torch.float)  # [S, L, E]
         steps = loads.shape[0]
@@ -320,8 +322,8 @@ def plot_domain_load(loads: dict[str, torch.Tensor], domain_names: tuple[str, ..
     goes to each expert, relative to a uniform share (k/E): a specialised expert is red in one row only."""
     methods = list(loads)
     n_layers, n_domains, n_experts = loads[methods[0]].shape
-    fig, axes = plt.subplots(len(methods), n_layers, figsize=(4.2 * n_layers, 1.6 + 0.9 * len(methods) * n_domains / 3),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(methods), n_layers, figsize=(4.4 * n_layers + 1, 0.6 + 1.5 * len(methods)),
+                             squeeze=False, sharex=True, layout="constrained")
     for row, name in enumerate(methods):
         share = loads[name].float() / loads[name].sum(dim=-1, keepdim=True)  # [L, D, E], rows sum to 1
         for layer in range(n_layers):

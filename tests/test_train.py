@@ -190,3 +190,10 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         load_checkpoint(tmp_path, model)
     assert latest_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_progress_false_hides_the_bar(dataset):
+    bar = io.StringIO()
+    with contextlib.redirect_stderr(bar):
+        history = train(tiny_model(), dataset, tiny_config(steps=2, eval_every=0), progress=False)
+    assert len(history.train) == 2 and bar.getvalue() == ""
