@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import matplotlib
 import matplotlib.pyplot as plt
 import torch
 import torch.nn.functional as F
@@ -285,6 +286,10 @@ def plot_loss_against_maxvio(results: dict[str, list[tuple[float, float]]]) -> p
                     color=colors[name], label=name)
     ax.set(xscale="log", xlabel="MaxVio_global over the validation split (log scale; lower = more balanced)",
            ylabel="validation loss (nats/byte)", title="quality against balance, per method (mean ± std over seeds)")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))  # 0.5, 1, 2 rather than 5x10^-1
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    lo, hi = ax.get_xlim()
+    ax.set_xticks([t for t in (0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10) if lo <= t <= hi])
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     fig.tight_layout()
