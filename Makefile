@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: lab test test-browser grade lint bench clean-venv
+.PHONY: lab test test-browser grade lint bench mutants clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,9 @@ test-browser: $(STAMP)
 
 grade: $(STAMP)
 	$(BIN)/python -m tests.exercises.grade
+
+mutants: $(STAMP)
+	$(BIN)/python -m tests.mutants
 
 bench: $(STAMP)
 	$(BIN)/python -m kernels.bench

@@ -59,9 +59,8 @@ def explorer(show: Callable[..., Any], controls: dict[str, Any], layout: Any = N
     output.add_class(OUTPUT_CLASS)
     box = widgets.VBox([layout if layout is not None else widgets.VBox(list(controls.values())), output])
     box.add_class(EXPLORER_CLASS)
-    # The widget's own text/plain is a repr ("VBox(children=(...") that a page without a kernel would show; a
-    # committed notebook shows this sentence there instead.
+    # A saved notebook viewed without a kernel shows text/plain: a readable line, not the widget's repr.
     bundle = box._repr_mimebundle_()
-    bundle["text/plain"] = "(an explorer: its controls need a live kernel with ipywidgets)"
+    bundle["text/plain"] = "[interactive explorer: run the notebook to use its controls]"
     display(bundle, raw=True)
     return box

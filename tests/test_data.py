@@ -181,3 +181,11 @@ def test_prose_corpus_is_the_documentation_text():
     prose = prose_corpus(max_bytes=50_000)
     assert len(prose.encode("utf-8")) <= 50_000 and "def " not in prose[:200]
     assert prose.count(" the ") > 100  # English prose, not code
+
+
+def test_batches_depend_on_the_dataset_seed():
+    # Two datasets that differ only in their seed draw different windows at the same step; the same seed, the same.
+    tokens = torch.randint(0, 264, (5000,), generator=torch.Generator().manual_seed(0))
+    batches = {seed: TokenDataset(tokens, seed=seed).get_batch(4, 4, 32)[0] for seed in (0, 1, 2)}
+    assert not torch.equal(batches[0], batches[1]) and not torch.equal(batches[1], batches[2])
+    assert torch.equal(batches[1], TokenDataset(tokens.clone(), seed=1).get_batch(4, 4, 32)[0])

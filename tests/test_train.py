@@ -197,3 +197,13 @@ def test_progress_false_hides_the_bar(dataset):
     with contextlib.redirect_stderr(bar):
         history = train(tiny_model(), dataset, tiny_config(steps=2, eval_every=0), progress=False)
     assert len(history.train) == 2 and bar.getvalue() == ""
+
+
+def test_training_updates_the_routing_bias(dataset):
+    # One step: every gate (the MTP module's too) moves each bias by exactly gamma * sign(mean load - load) of the
+    # step's own batch, which is still the gate's last_load since nothing ran after it.
+    model = tiny_model()
+    train(model, dataset, tiny_config(steps=1, eval_every=0))
+    for gate in model.gates():
+        expected = TINY["bias_update_speed"] * torch.sign(gate.last_load.mean() - gate.last_load)
+        assert expected.abs().sum() > 0 and torch.equal(gate.e_score_correction_bias, expected)

@@ -233,17 +233,20 @@ def test_mla_absorbed_equals_naive_attention(exercise, overrides):
 
 
 @pytest.mark.exercise("mla_absorbed_attention")
-def test_mla_absorbed_decode_step_matches_the_library(exercise):
+def test_mla_absorbed_after_a_cached_prefix_matches_the_library(exercise):
+    # T new queries after S - T cached positions: query t sits at position S - T + t, so the causal mask is aligned
+    # to the bottom-right corner of the [T, S] scores. T == 1 (decoding) and T == S alone cannot tell that from a
+    # mask aligned top-left; T = 3 after 6 cached tokens can.
     layer = mla_layer()
     layer.mode = "absorb"
-    B, S = 1, 12
-    x = torch.randn(B, S, layer.kv_a_proj_with_mqa.in_features)
-    freqs = precompute_freqs_cis(ModelConfig.preset("toy"), seq_len=S)
-    cache = layer.new_cache(B, S, torch.float32)
-    with torch.no_grad():
-        layer(x[:, :-1], freqs[:-1], 0, cache)  # prefill S - 1 tokens
-        expected = layer(x[:, -1:], freqs[-1:], S - 1, cache)  # decode the last one
-        q_nope, q_pe = mla_queries(layer, x[:, -1:], freqs[-1:])
-        out = exercise(q_nope, q_pe, cache["latent"][:, 0], layer.kv_b_proj.weight, layer.softmax_scale)
-    assert out.shape == (B, 1, layer.n_heads, layer.v_dim)
-    assert_close(layer.o_proj(out.reshape(B, 1, -1)), expected, atol=1e-5, rtol=1e-4)
+    for T, S in [(1, 12), (3, 9), (5, 12), (8, 9)]:
+        x = torch.randn(1, S, layer.kv_a_proj_with_mqa.in_features)
+        freqs = precompute_freqs_cis(ModelConfig.preset("toy"), seq_len=S)
+        cache = layer.new_cache(1, S, torch.float32)
+        with torch.no_grad():
+            layer(x[:, :S - T], freqs[:S - T], 0, cache)  # prefill S - T tokens
+            expected = layer(x[:, S - T:], freqs[S - T:], S - T, cache)  # then the last T at once
+            q_nope, q_pe = mla_queries(layer, x[:, S - T:], freqs[S - T:])
+            out = exercise(q_nope, q_pe, cache["latent"][:, 0], layer.kv_b_proj.weight, layer.softmax_scale)
+        assert out.shape == (1, T, layer.n_heads, layer.v_dim)
+        assert_close(layer.o_proj(out.reshape(1, T, -1)), expected, atol=1e-5, rtol=1e-4, msg=f"T = {T}, S = {S}")

@@ -92,3 +92,42 @@ def test_set_backend_round_trip():
         assert kernels.set_backend("torch" if active == "torch" else "triton") == active
     with pytest.raises(ValueError, match="unknown kernels backend"):
         kernels.set_backend("cuda")
+
+
+def test_with_cuda_cpu_tensors_take_the_plain_pytorch_backend(monkeypatch):
+    """On a machine with a CUDA GPU the active backend is compiled Triton, whose kernels run CUDA tensors only. Faked
+    here: CUDA reported available, compiled mode chosen by set_backend, every Triton kernel replaced by one that
+    fails. CPU tensors must still work, through kernels.reference, in the kernels and in the library's FP8 model."""
+    triton = pytest.importorskip("triton")
+    from mini_deepseek import DeepSeekV3, ModelConfig, quantize_to_fp8, set_kernels
+
+    monkeypatch.setattr(kernels, "_backend", kernels.backend())  # restored after the test, as are the others
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(triton.knobs.runtime, "interpret", False)  # what _load_triton reads: compiled, not interpreted
+    compiled = {}
+    for name in ("act_quant", "weight_quant", "weight_dequant", "fp8_gemm", "fused_moe"):
+        def refuse(*args, name=name, **kwargs):
+            raise AssertionError(f"a CPU tensor reached the compiled Triton kernel {name}")
+        compiled[name] = refuse
+    monkeypatch.setattr(kernels, "_triton_impls", compiled)  # set first, so no Triton module is imported compiled
+    assert kernels.set_backend("auto") == "triton" == kernels.backend()
+    assert kernels.backend("cuda") == "triton" and kernels.backend("cpu") == kernels.backend("meta") == "torch"
+
+    x, w = torch.randn(5, 200), torch.randn(72, 200)
+    (a_q, a_s), (b_q, b_s) = kernels.act_quant(x), kernels.weight_quant(w)
+    for ours, ref in [((a_q, a_s), R.act_quant(x)), ((b_q, b_s), R.weight_quant(w))]:
+        assert torch.equal(ours[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(ours[1], ref[1])
+    assert torch.equal(kernels.weight_dequant(b_q, b_s), R.weight_dequant(b_q, b_s))
+    assert torch.equal(kernels.fp8_gemm(a_q, a_s, b_q, b_s), R.fp8_gemm(a_q, a_s, b_q, b_s))
+    w1, w2, ids = torch.randn(3, 64, 200), torch.randn(3, 200, 32), torch.randint(0, 3, (5, 2))
+    weights = torch.rand(5, 2)
+    assert torch.equal(kernels.fused_moe(x, w1, w2, weights, ids), R.fused_moe(x, w1, w2, weights, ids))
+
+    cfg = ModelConfig.preset("toy", n_layers=2, max_seq_len=16)
+    model = quantize_to_fp8(DeepSeekV3(cfg))
+    try:
+        for mode in ("auto", "on"):  # "on": the library calls the kernels, which pick the reference for CPU tensors
+            set_kernels(mode)
+            assert model.generate(torch.randint(0, cfg.vocab_size, (1, 4)), 2).shape == (1, 6)
+    finally:
+        set_kernels("auto")
