@@ -187,6 +187,8 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
 
     a_q [..., K] and a_s [..., ceil(K / bs)] from `act_quant`; b_q [N, K] and b_s [ceil(N / bs),
     ceil(K / bs)] from `weight_quant` -> C [..., N] in out_dtype (bf16, fp16 or float32).
+    b may also come from `act_quant` (b_s [N, ceil(K / bs)], one scale per 1 x bs tile of each row): the
+    weight-gradient GEMM of FP8 training, whose operands are both activations or gradients.
     """
     _check_tensor(a_q, "a_q", (FP8,))
     _check_tensor(a_s, "a_s", (torch.float32,))
@@ -198,8 +200,10 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
     _check_shape(a_s, "a_s", (*a_q.shape[:-1], cdiv(K, block_size)), f"one scale per 1 x {block_size} tile of a_q")
     if b_q.dim() != 2 or b_q.shape[1] != K:
         raise ValueError(f"b_q must be [N, K] with K = {K} (the last dimension of a_q), got {tuple(b_q.shape)}")
-    _check_shape(b_s, "b_s", block_scale_shape(b_q.shape, block_size),
-                 f"one scale per {block_size} x {block_size} block of b_q")
+    if tuple(b_s.shape) != (b_q.shape[0], cdiv(K, block_size)):  # else: 1 x bs tiles, from act_quant
+        _check_shape(b_s, "b_s", block_scale_shape(b_q.shape, block_size),
+                     f"one scale per {block_size} x {block_size} block of b_q, or [N, ceil(K / {block_size})] "
+                     f"for 1 x {block_size} tiles")
     _check_devices(a_q=a_q, a_s=a_s, b_q=b_q, b_s=b_s)
     return _impl("fp8_gemm")(a_q, a_s, b_q, b_s, block_size, out_dtype)
 

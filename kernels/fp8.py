@@ -21,7 +21,9 @@ fp8_gemm  C [M, N] = A [M, K] . B [N, K]^T
     (rows of A, K contiguous) and a B tile [128, BLOCK_N] (rows of B read as columns, K still contiguous,
     the K-major layout FP8 tensor cores want), takes their FP8 x FP8 product with tl.dot into a fresh
     float32 partial, and only then applies the scales: partial * a_s[:, None] * b_s[None, :], a_s being
-    the BLOCK_M per-token scales of this K step and b_s the scale of each column's 128-row weight block.
+    the BLOCK_M per-token scales of this K step and b_s the scale of each column's 128-row weight block
+    (or, with B_ROW_SCALES, each column's own scale of this K step: B quantized in 1 x 128 tiles, the
+    weight-gradient GEMM of FP8 training, where both operands are activations or gradients).
     The scaled partial is added to a float32 accumulator. That is DeepSeek-V3's promotion: the tensor core
     accumulates at most 128 products at its limited internal precision before the sum moves to float32.
     Loads are masked past M, N and K (a partial last step contributes zeros).
@@ -144,7 +146,7 @@ def _weight_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K, NK,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_ROW_SCALES: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of A and C
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of B, columns of C
@@ -153,7 +155,10 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K, NK,
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # [BLOCK_K, BLOCK_N]
     a_s_ptrs = a_s_ptr + rows * NK  # [BLOCK_M]: this row's scale of K step 0
-    b_s_ptrs = b_s_ptr + (cols // BLOCK_K) * NK  # [BLOCK_N]: this column's weight block, K step 0
+    if B_ROW_SCALES:
+        b_s_ptrs = b_s_ptr + cols * NK  # [BLOCK_N]: this column's own 1 x BLOCK_K tile, K step 0
+    else:
+        b_s_ptrs = b_s_ptr + (cols // BLOCK_K) * NK  # [BLOCK_N]: this column's weight block, K step 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(NK):
         k_ok = ks < K - step * BLOCK_K
@@ -224,5 +229,6 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
     if c.numel():
         cfg = _gemm_config(M)
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
-        _fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, NK, BLOCK_K=block_size, **cfg)
+        row_scales = b_s.shape[0] != cdiv(N, block_size)  # [N, NK] rather than [ceil(N / bs), NK]
+        _fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, NK, BLOCK_K=block_size, B_ROW_SCALES=row_scales, **cfg)
     return c

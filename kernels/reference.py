@@ -17,6 +17,8 @@ Conventions shared with the kernels:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -94,11 +96,14 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
              block_size: int = 128, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(a_q * a_s) @ (b_q * b_s)^T for a_q [..., K], b_q [N, K] -> [..., N] in `out_dtype`.
 
+    b_s holds 128 x 128 block scales [ceil(N / bs), ceil(K / bs)] (a weight) or 1 x 128 tile scales [N, ceil(K / bs)]
+    (`act_quant` of b's rows: FP8 training's weight-gradient GEMM); for N = 1 the two are the same.
     The kernel adds one scaled partial product per 128-wide K step; because each scale is constant over such
     a step, dequantizing first and doing one float32 matmul is the same sum (up to float32 rounding order).
     """
     a = act_dequant(a_q, a_s, block_size)
-    b = weight_dequant(b_q, b_s, block_size, torch.float32)
+    row_scales = b_s.shape[0] != cdiv(b_q.shape[0], block_size)
+    b = act_dequant(b_q, b_s, block_size) if row_scales else weight_dequant(b_q, b_s, block_size, torch.float32)
     return (a @ b.T).to(out_dtype)
 
 
@@ -139,18 +144,23 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
 
 def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block_size: int = 128, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              block_size: int = 128, compute_dtype: torch.dtype = torch.float32,
+              gemm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """y[t] = sum_j topk_weights[t, j] * W2[e] (silu(W_gate[e] x[t]) * W_up[e] x[t]), e = topk_ids[t, j].
 
     x [T, H], w1 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_* [T, k] -> y [T, H] in x.dtype.
     A loop over experts in `compute_dtype`, differentiable (the library's MoE layer trains through it). With FP8
     weights (w1_scale / w2_scale given) it reproduces the w8a8 kernel's quantization points: weights dequantized
     from their block_size x block_size blocks, and the input and the SwiGLU output (in x.dtype, as the kernel stores it) quantized per token in 1 x block_size tiles.
+    gemm(a [n, in], w [out, in]) -> a w^T [n, out], if given, computes every expert's two products instead (w is
+    one expert's slice of w1 or w2): FP8 training passes its block-scaled GEMM with an FP8 backward.
     """
     fp8 = w1_scale is not None
     T, k = topk_ids.shape
 
     def linear(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
+        if gemm is not None:
+            return gemm(a, w)
         if fp8:
             a = act_dequant(*act_quant(a, block_size), block_size)
             w = weight_dequant(w, w_scale, block_size, compute_dtype)

@@ -126,6 +126,21 @@ def test_fp8_gemm_matches_reference(lead, N, K, block, out_dtype, seed):
     torch.testing.assert_close(c.float(), ref, rtol=rtol, atol=rtol * ref.abs().max().item() + 1e-6)
 
 
+@FEW
+@given(M=st.integers(1, 70), N=st.integers(2, 160), K=st.integers(1, 300), block=st.sampled_from([32, 128]),
+       seed=st.integers(0, 2**16))
+def test_fp8_gemm_with_b_in_row_tiles_matches_reference(M, N, K, block, seed):
+    """b from act_quant (one scale per 1 x block tile of each row), the weight-gradient GEMM of FP8 training."""
+    a_q, a_s = R.act_quant(randn((M, K), seed), block)
+    b = randn((N, K), seed + 1)
+    b[0] *= 1e3  # a row whose own scale must not spill onto its neighbours
+    b_q, b_s = R.act_quant(b, block)
+    c = kernels.fp8_gemm(a_q, a_s, b_q, b_s, block, torch.float32)
+    exact = R.act_dequant(a_q, a_s, block) @ R.act_dequant(b_q, b_s, block).T
+    torch.testing.assert_close(R.fp8_gemm(a_q, a_s, b_q, b_s, block, torch.float32), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(c, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item() + 1e-6)
+
+
 def test_fp8_gemm_accuracy_against_full_precision():
     a, b = randn((64, 512), 0), randn((256, 512), 1, -1)
     c = kernels.fp8_gemm(*kernels.act_quant(a), *kernels.weight_quant(b), out_dtype=torch.float32)
@@ -219,6 +234,8 @@ def test_errors_name_the_problem(each_backend):
         kernels.fp8_gemm(a_q, a_s.half(), b_q, b_s)
     with pytest.raises(ValueError, match="a_s has shape"):
         kernels.fp8_gemm(a_q, a_s[:, :1], b_q, b_s)
+    with pytest.raises(ValueError, match=r"b_s has shape \(2, 2\), expected \(1, 2\)"):
+        kernels.fp8_gemm(a_q, a_s, b_q, torch.ones(2, 2))  # neither 128 x 128 blocks nor 1 x 128 row tiles
     with pytest.raises(ValueError, match="b_q must be"):
         kernels.fp8_gemm(a_q, a_s, b_q[:, :128], b_s[:, :1])
     with pytest.raises(TypeError, match="out_dtype"):
