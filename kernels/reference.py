@@ -45,17 +45,22 @@ def to_e4m3(y: torch.Tensor) -> torch.Tensor:
     return y.to(FP8)
 
 
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    """t with its last dimension zero-padded to `size` (t itself when it is already that long)."""
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
 def _tile_scales(tiles: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
     """One scale per tile of float32, zero-padded `tiles`, each tile spanning `dims`."""
-    amax = tiles.abs().amax(dim=dims).clamp_min(AMAX_FLOOR)
-    return torch.where(tiles.isfinite().all(dim=dims), amax / FP8_MAX, float("nan"))
+    amax = tiles.abs().amax(dim=dims)  # NaN if the tile holds a NaN, inf if an inf
+    return torch.where(amax.isfinite(), amax.clamp_min(AMAX_FLOOR) / FP8_MAX, float("nan"))
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> q [..., K] E4M3, s [..., ceil(K / block_size)] float32 (1 x block_size tiles)."""
     K = x.shape[-1]
     nk = cdiv(K, block_size)
-    tiles = F.pad(x.float(), (0, nk * block_size - K)).unflatten(-1, (nk, block_size))  # [..., nk, bs]
+    tiles = _pad_last(x.float(), nk * block_size).unflatten(-1, (nk, block_size))  # [..., nk, bs]
     s = _tile_scales(tiles, (-1,))  # [..., nk]
     q = to_e4m3(tiles / s[..., None]).flatten(-2)[..., :K]
     return q, s
@@ -109,7 +114,9 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
 
 def act_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """Inverse of `act_quant` in float32: q [..., K], s [..., ceil(K / bs)] -> [..., K]."""
-    return (q.float() * s.repeat_interleave(block_size, dim=-1)[..., : q.shape[-1]])
+    K, nk = q.shape[-1], s.shape[-1]
+    tiles = _pad_last(q.float(), nk * block_size).unflatten(-1, (nk, block_size))  # [..., nk, bs]
+    return (tiles * s[..., None]).flatten(-2)[..., :K]
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
