@@ -36,7 +36,7 @@ import warnings
 import torch
 
 from . import reference
-from .reference import FP8, block_scale_shape, cdiv
+from .reference import AMAX_FLOOR, FP8, block_scale_shape, cdiv
 
 __all__ = ["act_quant", "weight_quant", "weight_dequant", "fp8_gemm", "fused_moe", "moe_align_block_size",
            "backend", "set_backend", "reference"]
@@ -144,16 +144,20 @@ def _check_out_dtype(dtype, name: str) -> None:
 
 # ---- public API ----
 
-def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, block_size: int = 128,
+              amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations per token in 1 x block_size tiles along the last dimension.
 
     x [..., K] float32/bf16/fp16 -> q [..., K] float8_e4m3fn, s [..., ceil(K / block_size)] float32 with
-    x ≈ q * s.
+    x ≈ q * s, s = max(amax, amax_floor) / 448 per tile (the default floor suits activations; gradients, far
+    smaller, need a smaller one).
     """
     _check_tensor(x, "x", _FLOATS)
     _check_block(block_size)
+    if not isinstance(amax_floor, (int, float)) or not 1e-30 <= amax_floor < float("inf"):
+        raise ValueError(f"amax_floor must be a number in [1e-30, inf) (a normal float32 scale), got {amax_floor!r}")
     _check_devices(x=x)
-    return _impl("act_quant")(x, block_size)
+    return _impl("act_quant")(x, block_size, float(amax_floor))
 
 
 def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:

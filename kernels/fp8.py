@@ -83,9 +83,9 @@ def _nonfinite(x):
 
 
 @triton.jit
-def _scale(amax, bad):
+def _scale(amax, bad, amax_floor):
     """Per-tile scale: amax / 448 with amax floored; NaN where the tile held a non-finite value."""
-    s = tl.div_rn(tl.maximum(amax, _AMAX_FLOOR), _FP8_MAX)
+    s = tl.div_rn(tl.maximum(amax, amax_floor), _FP8_MAX)
     return tl.where(bad, float("nan"), s)
 
 
@@ -101,7 +101,7 @@ def _quantize(x, s, bad):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NK, amax_floor, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -109,7 +109,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NK, BLOCK_M: tl.constexpr, BLOC
     offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
     bad = tl.max(_nonfinite(x), axis=1) > 0  # [BLOCK_M]
-    s = _scale(tl.max(tl.abs(x), axis=1), bad)  # [BLOCK_M], one scale per row of the tile
+    s = _scale(tl.max(tl.abs(x), axis=1), bad, amax_floor)  # [BLOCK_M], one scale per row of the tile
     tl.store(q_ptr + offs, _quantize(x, s[:, None], bad[:, None]), mask=mask)
     tl.store(s_ptr + rows * NK + pid_k, s, mask=rows < M)
 
@@ -131,7 +131,7 @@ def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
     offs, mask, scale_idx = _weight_block(N, K, BLOCK)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK, BLOCK]
     bad = tl.max(tl.max(_nonfinite(w), axis=1), axis=0) > 0
-    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), bad)  # one scale for the whole block
+    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), bad, _AMAX_FLOOR)  # one scale for the whole block
     tl.store(q_ptr + offs, _quantize(w, s, bad), mask=mask)
     tl.store(s_ptr + scale_idx, s)
 
@@ -184,7 +184,8 @@ def _gemm_config(M: int) -> dict:
     return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(M))), BLOCK_N=128, num_warps=4, num_stages=3)
 
 
-def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, block_size: int = 128,
+              amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     K = x.shape[-1]
     M, NK = x.numel() // K, cdiv(K, block_size)
@@ -192,7 +193,7 @@ def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, tor
     s = torch.empty(*x.shape[:-1], NK, dtype=torch.float32, device=x.device)
     if M:
         block_m = _rows_per_program(M)
-        _act_quant_kernel[(cdiv(M, block_m), NK)](x, q.view(torch.uint8), s, M, K, NK,
+        _act_quant_kernel[(cdiv(M, block_m), NK)](x, q.view(torch.uint8), s, M, K, NK, amax_floor,
                                                  BLOCK_M=block_m, BLOCK_K=block_size)
     return q, s
 

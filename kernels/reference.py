@@ -8,7 +8,7 @@ Conventions shared with the kernels:
 
 - Scales are multipliers: x ≈ q * s. `weight_dequant` multiplies by `s`, exactly what the published
   checkpoints call `weight_scale_inv`.
-- s = max(amax, AMAX_FLOOR) / 448 per tile; q = round_e4m3(clamp(x / s, -448, 448)) with round-to-nearest-even.
+- s = max(amax, AMAX_FLOOR) / 448 per tile (act_quant: any amax_floor); q = round_e4m3(clamp(x / s, -448, 448)) with round-to-nearest-even.
 - Sizes that are not a multiple of the block: the last tile is partial (ceil division, zero padding does
   not change amax), so an activation of width K has ceil(K / 128) scales and a 576 x 7168 weight has 5 x 56.
 - A tile holding NaN or ±Inf gets a NaN scale and NaN codes (0x7F); other tiles are unaffected. Anything
@@ -26,7 +26,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 # Tiles whose largest magnitude is below this are scaled as if it were this: an all-zero tile gets a finite
 # scale instead of 0/0. 1e-4 is what DeepSeek's released kernels use; 1e-4 / 448 still leaves such tiny
-# tiles a few significant bits.
+# tiles a few significant bits. act_quant takes another floor for tensors of smaller values (FP8 training's
+# gradients, of order 1 / tokens, use 1e-12).
 AMAX_FLOOR = 1e-4
 
 
@@ -50,18 +51,19 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
     return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
 
 
-def _tile_scales(tiles: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def _tile_scales(tiles: torch.Tensor, dims: tuple[int, ...], amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
     """One scale per tile of float32, zero-padded `tiles`, each tile spanning `dims`."""
     amax = tiles.abs().amax(dim=dims)  # NaN if the tile holds a NaN, inf if an inf
-    return torch.where(amax.isfinite(), amax.clamp_min(AMAX_FLOOR) / FP8_MAX, float("nan"))
+    return torch.where(amax.isfinite(), amax.clamp_min(amax_floor) / FP8_MAX, float("nan"))
 
 
-def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, block_size: int = 128,
+              amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> q [..., K] E4M3, s [..., ceil(K / block_size)] float32 (1 x block_size tiles)."""
     K = x.shape[-1]
     nk = cdiv(K, block_size)
     tiles = _pad_last(x.float(), nk * block_size).unflatten(-1, (nk, block_size))  # [..., nk, bs]
-    s = _tile_scales(tiles, (-1,))  # [..., nk]
+    s = _tile_scales(tiles, (-1,), amax_floor)  # [..., nk]
     q = to_e4m3(tiles / s[..., None]).flatten(-2)[..., :K]
     return q, s
 

@@ -19,7 +19,12 @@ import torch
 from kernels import reference as R
 
 from .config import ModelConfig
-from .fp8_training import FP8TrainingExperts, FP8TrainingLinear, convert_to_fp8_training
+from .fp8_training import (
+    HIGH_PRECISION_LINEARS,
+    FP8TrainingExperts,
+    FP8TrainingLinear,
+    convert_to_fp8_training,
+)
 from .model import DeepSeekV3
 
 
@@ -77,20 +82,21 @@ def to_format(x: torch.Tensor, fmt: FloatFormat) -> torch.Tensor:
 SCALINGS = ("per-tensor", "1x128", "128x128")
 
 
-def fake_quantize(x: torch.Tensor, scaling: str, fmt: FloatFormat = FORMATS["E4M3"],
-                  block_size: int = 128) -> torch.Tensor:
+def fake_quantize(x: torch.Tensor, scaling: str, fmt: FloatFormat = FORMATS["E4M3"], block_size: int = 128,
+                  amax_floor: float = R.AMAX_FLOOR) -> torch.Tensor:
     """x [..., K] quantized and dequantized, float32. scaling: "per-tensor" (one scale amax / max), "1x128" (per token,
     kernels.act_quant), "128x128" (blocks over the last two dimensions, kernels.weight_quant); the last two are E4M3
-    only, the library's own arithmetic. scaling "none" rounds x to fmt unscaled."""
+    only, the library's own arithmetic. scaling "none" rounds x to fmt unscaled. amax_floor: the smallest amax a scale
+    is computed from (per-tensor and 1x128; FP8 training quantizes gradients with fp8_training.GRAD_AMAX_FLOOR)."""
     if scaling == "none":
         return to_format(x, fmt)
     if scaling == "per-tensor":
-        scale = x.abs().amax().float().clamp_min(R.AMAX_FLOOR) / fmt.max
+        scale = x.abs().amax().float().clamp_min(amax_floor) / fmt.max
         return to_format(x / scale, fmt) * scale
     if fmt.name != "E4M3":
         raise ValueError(f"{scaling} scaling is the E4M3 kernels' (kernels.act_quant / weight_quant), not {fmt.name}")
     if scaling == "1x128":
-        return R.act_dequant(*R.act_quant(x, block_size), block_size)
+        return R.act_dequant(*R.act_quant(x, block_size, amax_floor), block_size)
     if scaling == "128x128":
         return R.weight_dequant(*R.weight_quant(x, block_size), block_size, torch.float32)
     raise ValueError(f"unknown scaling {scaling!r}; choose one of {SCALINGS} or 'none'")
@@ -110,6 +116,50 @@ def quantization_error(x: torch.Tensor, x_hat: torch.Tensor) -> QuantError:
     return QuantError(relative=((x_hat - x).norm() / x.norm()).item(),
                       underflow=(x_hat[nonzero] == 0).float().mean().item(),
                       median_element=per_element.median().item())
+
+
+def outlier_ratio(t: torch.Tensor, along: str = "channel") -> float:
+    """How far the largest channel (column) or token (row) of t [M, K] stands out: its amax over the median amax."""
+    amax = t.abs().amax(dim=0 if along == "channel" else 1)
+    return (amax.max() / amax.median()).item()
+
+
+def amplify_outlier(t: torch.Tensor, factor: float, along: str = "channel") -> torch.Tensor:
+    """A copy of t [M, K] whose largest channel (or token) is rescaled so that its amax is `factor` times the median
+    amax of the channels (tokens): the same activation with a stronger outlier, the kind LLMs grow at scale."""
+    dim = 0 if along == "channel" else 1
+    amax = t.abs().amax(dim=dim)
+    top = int(amax.argmax())
+    out = t.clone()
+    index = (slice(None), top) if along == "channel" else (top, slice(None))
+    out[index] *= factor * amax.median() / amax[top]
+    return out
+
+
+def capture_linear_tensors(model: torch.nn.Module, input_ids: torch.Tensor,
+                           targets: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """One forward and backward pass of model.loss: for every nn.Linear that convert_to_fp8_training would swap, its
+    input [M, K] and the gradient of its output [M, N] (the tensors FP8 training quantizes), detached float32. The
+    gradients the pass leaves on the parameters are cleared."""
+    tensors: dict[str, list[torch.Tensor]] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if type(module) is torch.nn.Linear and name.rsplit(".", 1)[-1] not in HIGH_PRECISION_LINEARS:
+            def keep_input(m, args, name=name):
+                tensors[name] = [args[0].detach().float().reshape(-1, args[0].shape[-1])]
+
+            def keep_grad(m, grad_input, grad_output, name=name):
+                tensors[name].append(grad_output[0].detach().float().reshape(-1, grad_output[0].shape[-1]))
+
+            handles += [module.register_forward_pre_hook(keep_input), module.register_full_backward_hook(keep_grad)]
+    try:
+        loss, _ = model.loss(input_ids, targets)
+        loss.backward()
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.zero_grad(set_to_none=True)
+    return {name: (pair[0], pair[1]) for name, pair in tensors.items()}
 
 
 # ---- limited-precision accumulation --------------------------------------------------------------------------------

@@ -53,6 +53,10 @@ from .moe import RoutedExperts
 # Linears kept in higher precision besides the ones that are not nn.Linear (embedding, gate): the output head, and
 # MTP's projection, which the published FP8 checkpoint stores in BF16.
 HIGH_PRECISION_LINEARS = ("lm_head", "eh_proj")
+# The amax floor of gradient tiles. Activations keep the kernels' 1e-4, but the gradient of a mean loss over M tokens
+# is of order 1 / M: with a floor of 1e-4, the floor rather than the values would set the scale of every gradient
+# tile below it and push its small entries into the subnormals. This floor only keeps all-zero tiles finite.
+GRAD_AMAX_FLOOR = 1e-12
 
 
 class _FP8Matmul(torch.autograd.Function):
@@ -77,14 +81,14 @@ class _FP8Matmul(torch.autograd.Function):
         with torch.autocast(dy.device.type, enabled=False):
             ops = _ops(dy)
             if ctx.needs_input_grad[0]:  # Dgrad, contracted over N
-                dy_q, dy_s = ops.act_quant(dy, bs)  # 1 x 128 tiles along N
+                dy_q, dy_s = ops.act_quant(dy, bs, GRAD_AMAX_FLOOR)  # 1 x 128 tiles along N
                 w_t_q, w_t_s = w_q.T.contiguous(), w_s.T.contiguous()  # [K, N]: a block's transpose keeps its scale
                 dx = ops.fp8_gemm(dy_q, dy_s, w_t_q, w_t_s, bs, out_dtype=dy.dtype)  # [M, K]
             if ctx.needs_input_grad[1]:  # Wgrad, contracted over the M tokens
                 if dy.shape[0] == 0:
                     dw = torch.zeros(w_q.shape, dtype=torch.float32, device=dy.device)
                 else:
-                    dy_t_q, dy_t_s = ops.act_quant(dy.T.contiguous(), bs)  # [N, M]: 128 x 1 tiles of dy
+                    dy_t_q, dy_t_s = ops.act_quant(dy.T.contiguous(), bs, GRAD_AMAX_FLOOR)  # [N, M]: 128 x 1 tiles
                     x_t = act_dequant(x_q, x_s, bs).T.contiguous()  # [K, M], from the cached FP8 activation
                     x_t_q, x_t_s = ops.act_quant(x_t, bs)  # requantized in 128 x 1 tiles of x
                     dw = ops.fp8_gemm(dy_t_q, dy_t_s, x_t_q, x_t_s, bs, out_dtype=torch.float32)  # [N, K]

@@ -45,7 +45,8 @@ class Gate(nn.Module):
 
     def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
         """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k]."""
-        logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does
+        with torch.autocast(x.device.type, enabled=False):  # routing in float32, as the reference does, even under
+            logits = F.linear(x.float(), self.weight.float())  # autocast (DeepSeek-V3 keeps the gate out of BF16/FP8)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # [N, E]
         bias = self.e_score_correction_bias
         biased = scores if bias is None else scores + bias

@@ -38,7 +38,7 @@ from mini_deepseek import (
     set_kernels,
     train,
 )
-from mini_deepseek.fp8_training import fp8_linear
+from mini_deepseek.fp8_training import GRAD_AMAX_FLOOR, fp8_linear
 from mini_deepseek.moe import RoutedExperts
 
 FP8_SPACING = 2.0**-4  # half the relative spacing of E4M3's normal numbers
@@ -84,10 +84,10 @@ def tile_error(t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return FP8_SPACING * t.abs() + SUBNORMAL_HALF_STEP * scale
 
 
-def row_tile_scales(t: torch.Tensor, bs: int = 128) -> torch.Tensor:
+def row_tile_scales(t: torch.Tensor, bs: int = 128, floor: float = R.AMAX_FLOOR) -> torch.Tensor:
     """The 1 x bs tile scale of every element of t [R, C], from t itself: max(amax, floor) / 448."""
     C = t.shape[1]
-    amax = F.pad(t.abs(), (0, -C % bs)).unflatten(1, (-1, bs)).amax(-1).clamp_min(R.AMAX_FLOOR)
+    amax = F.pad(t.abs(), (0, -C % bs)).unflatten(1, (-1, bs)).amax(-1).clamp_min(floor)
     return (amax / R.FP8_MAX).repeat_interleave(bs, 1)[:, :C]
 
 
@@ -106,9 +106,9 @@ def product_bound(a, e_a, b, e_b) -> torch.Tensor:
 
 def fp32_bounds(x, w, dy) -> dict[str, torch.Tensor]:
     e_x, e_w = tile_error(x, row_tile_scales(x)), tile_error(w, block_scales(w))
-    e_dy_rows = tile_error(dy, row_tile_scales(dy))  # 1 x 128 along N (Dgrad)
+    e_dy_rows = tile_error(dy, row_tile_scales(dy, floor=GRAD_AMAX_FLOOR))  # 1 x 128 along N (Dgrad)
     dy_t = dy.T
-    e_dy_cols = tile_error(dy_t, row_tile_scales(dy_t))  # 1 x 128 along M (Wgrad)
+    e_dy_cols = tile_error(dy_t, row_tile_scales(dy_t, floor=GRAD_AMAX_FLOOR))  # 1 x 128 along M (Wgrad)
     x_t, e_x_t = x.T, e_x.T
     upper = x_t.abs() + e_x_t  # bounds |x̂|, so that the second rounding's scale is bounded too
     e_x_twice = e_x_t + tile_error(upper, row_tile_scales(upper))
@@ -129,16 +129,16 @@ def test_gradients_equal_autograd_of_the_dequantized_arithmetic(M, K, N):
     x, w, dy = outlier_inputs(M, K, N)
     y, dx, dw = fp8_grads(x, w, dy)
 
-    def fake_act(t):  # quantize in 1 x 128 tiles along the last dimension, dequantize
-        return R.act_dequant(*R.act_quant(t))
+    def fake_act(t, floor=R.AMAX_FLOOR):  # quantize in 1 x 128 tiles along the last dimension, dequantize
+        return R.act_dequant(*R.act_quant(t, 128, floor))
 
     w_deq = R.weight_dequant(*R.weight_quant(w), dtype=torch.float32)
     x_deq = fake_act(x).requires_grad_()
     w_for_dgrad = w_deq.clone().requires_grad_()
-    (x_deq @ w_for_dgrad.T).backward(fake_act(dy))  # Dgrad: dy in 1 x 128 tiles along N
+    (x_deq @ w_for_dgrad.T).backward(fake_act(dy, GRAD_AMAX_FLOOR))  # Dgrad: dy in 1 x 128 tiles along N
     x_twice = fake_act(fake_act(x).T).T  # 1 x 128, then 128 x 1 tiles
     w_for_wgrad = w_deq.clone().requires_grad_()
-    (x_twice @ w_for_wgrad.T).backward(fake_act(dy.T).T)  # Wgrad: dy in 128 x 1 tiles
+    (x_twice @ w_for_wgrad.T).backward(fake_act(dy.T, GRAD_AMAX_FLOOR).T)  # Wgrad: dy in 128 x 1 tiles
     torch.testing.assert_close(y, (x_deq @ w_deq.T).detach(), rtol=1e-5, atol=1e-5 * y.abs().max().item())
     torch.testing.assert_close(dx, x_deq.grad, rtol=1e-5, atol=1e-5 * dx.abs().max().item())
     torch.testing.assert_close(dw, w_for_wgrad.grad, rtol=1e-5, atol=1e-5 * dw.abs().max().item())
@@ -153,6 +153,14 @@ def test_gradients_within_the_e4m3_bound_of_fp32(M, K, N):
     exact_dw = dy.T @ x
     error = ((dw - exact_dw).norm() / exact_dw.norm()).item()
     assert 1e-3 < error < 0.1, error  # E4M3 noise: present, and a few percent
+
+
+def test_tiny_gradients_lose_nothing_to_the_amax_floor():
+    """Gradients of a mean loss are small; scaling dy by 2^-20 (exact) must scale the gradients by 2^-20 exactly."""
+    x, w, dy = outlier_inputs(150, 200, 300)
+    _, dx, dw = fp8_grads(x, w, dy)
+    _, dx_tiny, dw_tiny = fp8_grads(x, w, dy * 2.0**-20)
+    assert torch.equal(dx_tiny, dx * 2.0**-20) and torch.equal(dw_tiny, dw * 2.0**-20)
 
 
 def test_the_bound_catches_coarser_scaling():
@@ -315,6 +323,20 @@ def test_converted_loss_is_close_to_fp32():
         ref, _ = model.loss(x, x)
         fp8, _ = convert_to_fp8_training(model).loss(x, x)
     assert abs(fp8.item() / ref.item() - 1) < 1e-2
+
+
+def test_gate_routes_in_float32_under_autocast():
+    """The BF16 baseline runs under torch.autocast; the MoE gate must still route in FP32 (report section 3.3.1)."""
+    model = tiny_model(n_layers=2).eval()
+    x = torch.randint(0, 264, (2, 32), generator=torch.Generator().manual_seed(0))
+    gate = model.layers[1].mlp.gate
+    h = torch.randn(64, model.config.dim)
+    with torch.no_grad():
+        weights, ids = gate(h, seq_len=32)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            weights_bf16, ids_bf16 = gate(h, seq_len=32)
+            model(x)
+    assert torch.equal(ids, ids_bf16) and torch.equal(weights, weights_bf16)
 
 
 def test_bad_input_is_refused_by_name():

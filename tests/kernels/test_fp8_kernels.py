@@ -106,6 +106,21 @@ def test_weight_quant_and_dequant_match_reference(batch, N, K, block, dtype, log
     assert (err <= s.amax() * 448 / 16 + w.float().abs().amax() * 2**-7).all()
 
 
+def test_act_quant_amax_floor(each_backend):
+    """Tiles below the floor are scaled as if their amax were the floor: tiny gradients need a tiny floor."""
+    x = randn((3, 300), 0, -9)  # values around 1e-9: far below the default floor of 1e-4
+    for floor in (R.AMAX_FLOOR, 1e-12):
+        q, s = kernels.act_quant(x, 128, floor)
+        rq, rs = R.act_quant(x, 128, floor)
+        assert torch.equal(codes(q), codes(rq)) and torch.equal(s, rs)
+    _, s_default = kernels.act_quant(x)
+    assert (s_default == torch.tensor(R.AMAX_FLOOR) / R.FP8_MAX).all()
+    q, s = kernels.act_quant(x, 128, 1e-12)
+    assert ((R.act_dequant(q, s) - x).norm() / x.norm()) < 0.04  # the full E4M3 range, as for values near 1
+    with pytest.raises(ValueError, match="amax_floor must be"):
+        kernels.act_quant(x, 128, 0.0)
+
+
 def test_weight_dequant_default_dtype():
     q, s = kernels.weight_quant(torch.randn(3, 5))
     assert kernels.weight_dequant(q, s).dtype == torch.get_default_dtype()
