@@ -30,6 +30,7 @@ module is not called fused_moe.py because importing it would replace the functio
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 
@@ -137,6 +138,11 @@ def _check_block(block_size) -> None:
         raise ValueError(f"block_size must be a power of two >= 16 (Triton tile sizes), got {block_size!r}")
 
 
+def _check_amax_floor(amax_floor) -> None:
+    if isinstance(amax_floor, bool) or not isinstance(amax_floor, (int, float)) or not 1e-30 <= amax_floor < math.inf:
+        raise ValueError(f"amax_floor must be a number in [1e-30, inf) (a normal float32 scale), got {amax_floor!r}")
+
+
 def _check_out_dtype(dtype, name: str) -> None:
     if dtype not in _FLOATS:
         raise TypeError(f"{name} must be one of {', '.join(map(str, _FLOATS))}, got {dtype}")
@@ -154,22 +160,24 @@ def act_quant(x: torch.Tensor, block_size: int = 128,
     """
     _check_tensor(x, "x", _FLOATS)
     _check_block(block_size)
-    if not isinstance(amax_floor, (int, float)) or not 1e-30 <= amax_floor < float("inf"):
-        raise ValueError(f"amax_floor must be a number in [1e-30, inf) (a normal float32 scale), got {amax_floor!r}")
+    _check_amax_floor(amax_floor)
     _check_devices(x=x)
     return _impl("act_quant")(x, block_size, float(amax_floor))
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, block_size: int = 128,
+                 amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize weights in block_size x block_size blocks over the last two dimensions.
 
     w [..., N, K] -> q [..., N, K] float8_e4m3fn, s [..., ceil(N / bs), ceil(K / bs)] float32 (the published
-    checkpoints' `weight_scale_inv`). Leading dimensions (e.g. experts) are independent.
+    checkpoints' `weight_scale_inv`), s = max(amax, amax_floor) / 448 per block. Leading dimensions (e.g. experts)
+    are independent.
     """
     _check_tensor(w, "w", _FLOATS, min_dim=2)
     _check_block(block_size)
+    _check_amax_floor(amax_floor)
     _check_devices(w=w)
-    return _impl("weight_quant")(w, block_size)
+    return _impl("weight_quant")(w, block_size, float(amax_floor))
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,

@@ -127,11 +127,11 @@ def _weight_block(N, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
+def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, amax_floor, BLOCK: tl.constexpr):
     offs, mask, scale_idx = _weight_block(N, K, BLOCK)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK, BLOCK]
     bad = tl.max(tl.max(_nonfinite(w), axis=1), axis=0) > 0
-    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), bad, _AMAX_FLOOR)  # one scale for the whole block
+    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), bad, amax_floor)  # one scale for the whole block
     tl.store(q_ptr + offs, _quantize(w, s, bad), mask=mask)
     tl.store(s_ptr + scale_idx, s)
 
@@ -198,7 +198,8 @@ def act_quant(x: torch.Tensor, block_size: int = 128,
     return q, s
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, block_size: int = 128,
+                 amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.contiguous()
     N, K = w.shape[-2:]
     batch = w.numel() // max(N * K, 1)
@@ -206,7 +207,7 @@ def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, 
     q = torch.empty(w.shape, dtype=FP8, device=w.device)
     s = torch.empty(*w.shape[:-2], *grid[:2], dtype=torch.float32, device=w.device)
     if w.numel():
-        _weight_quant_kernel[grid](w, q.view(torch.uint8), s, N, K, BLOCK=block_size)
+        _weight_quant_kernel[grid](w, q.view(torch.uint8), s, N, K, amax_floor, BLOCK=block_size)
     return q, s
 
 

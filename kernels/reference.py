@@ -8,7 +8,7 @@ Conventions shared with the kernels:
 
 - Scales are multipliers: x ≈ q * s. `weight_dequant` multiplies by `s`, exactly what the published
   checkpoints call `weight_scale_inv`.
-- s = max(amax, AMAX_FLOOR) / 448 per tile (act_quant: any amax_floor); q = round_e4m3(clamp(x / s, -448, 448)) with round-to-nearest-even.
+- s = max(amax, AMAX_FLOOR) / 448 per tile (or another amax_floor given to act_quant / weight_quant); q = round_e4m3(clamp(x / s, -448, 448)) with round-to-nearest-even.
 - Sizes that are not a multiple of the block: the last tile is partial (ceil division, zero padding does
   not change amax), so an activation of width K has ceil(K / 128) scales and a 576 x 7168 weight has 5 x 56.
 - A tile holding NaN or ±Inf gets a NaN scale and NaN codes (0x7F); other tiles are unaffected. Anything
@@ -26,8 +26,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 # Tiles whose largest magnitude is below this are scaled as if it were this: an all-zero tile gets a finite
 # scale instead of 0/0. 1e-4 is what DeepSeek's released kernels use; 1e-4 / 448 still leaves such tiny
-# tiles a few significant bits. act_quant takes another floor for tensors of smaller values (FP8 training's
-# gradients, of order 1 / tokens, use 1e-12).
+# tiles a few significant bits. act_quant and weight_quant take another floor for tensors of smaller values (FP8
+# training's gradients, of order 1 / tokens, use 1e-12).
 AMAX_FLOOR = 1e-4
 
 
@@ -84,10 +84,11 @@ def _unblock(blocks: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return blocks.flatten(-2).flatten(-3, -2)[..., :N, :K].contiguous()
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, block_size: int = 128,
+                 amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> q [..., N, K] E4M3, s [..., ceil(N / bs), ceil(K / bs)] float32 (bs x bs blocks)."""
     blocks = _block_view(w, block_size)  # [..., nN, bs, nK, bs]
-    s = _tile_scales(blocks, (-3, -1))  # [..., nN, nK]
+    s = _tile_scales(blocks, (-3, -1), amax_floor)  # [..., nN, nK]
     q = to_e4m3(blocks / s[..., :, None, :, None])
     return _unblock(q, *w.shape[-2:]), s
 

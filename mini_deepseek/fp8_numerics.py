@@ -87,7 +87,7 @@ def fake_quantize(x: torch.Tensor, scaling: str, fmt: FloatFormat = FORMATS["E4M
     """x [..., K] quantized and dequantized, float32. scaling: "per-tensor" (one scale amax / max), "1x128" (per token,
     kernels.act_quant), "128x128" (blocks over the last two dimensions, kernels.weight_quant); the last two are E4M3
     only, the library's own arithmetic. scaling "none" rounds x to fmt unscaled. amax_floor: the smallest amax a scale
-    is computed from (per-tensor and 1x128; FP8 training quantizes gradients with fp8_training.GRAD_AMAX_FLOOR)."""
+    is computed from (FP8 training quantizes gradients with fp8_training.GRAD_AMAX_FLOOR)."""
     if scaling == "none":
         return to_format(x, fmt)
     if scaling == "per-tensor":
@@ -98,7 +98,7 @@ def fake_quantize(x: torch.Tensor, scaling: str, fmt: FloatFormat = FORMATS["E4M
     if scaling == "1x128":
         return R.act_dequant(*R.act_quant(x, block_size, amax_floor), block_size)
     if scaling == "128x128":
-        return R.weight_dequant(*R.weight_quant(x, block_size), block_size, torch.float32)
+        return R.weight_dequant(*R.weight_quant(x, block_size, amax_floor), block_size, torch.float32)
     raise ValueError(f"unknown scaling {scaling!r}; choose one of {SCALINGS} or 'none'")
 
 

@@ -80,11 +80,11 @@ def draw_gemm_tiling(ax, M: int, N: int, K: int, block_m: int, block_n: int, blo
     from matplotlib.patches import Rectangle
 
     gap = max(K, N) * 0.25
-    layout = {"A [M, K] (1 x 128 scales)": (0, M, K), "B^T [K, N] (128 x 128 scales)": (K + gap, K, N),
-              "C [M, N]": (K + N + 2 * gap, M, N)}
+    layout = {f"A [{M}, {K}]\n1 x 128 scales": (0, M, K), f"B^T [{K}, {N}]\n128 x 128 scales": (K + gap, K, N),
+              f"C [{M}, {N}]": (K + N + 2 * gap, M, N)}
     for label, (x0, height, width) in layout.items():
         ax.add_patch(Rectangle((x0, 0), width, height, facecolor="#f0f0f0", edgecolor="black"))
-        ax.text(x0 + width / 2, -0.08 * max(M, K), label, ha="center", fontsize=9)
+        ax.text(x0 + width / 2, height + 0.04 * max(M, K), label, ha="center", va="top", fontsize=9)
     n_steps = -(-K // block_k)
     cmap = torch.linspace(0.35, 0.95, n_steps).tolist()
     for step in range(n_steps):
@@ -101,6 +101,6 @@ def draw_gemm_tiling(ax, M: int, N: int, K: int, block_m: int, block_n: int, blo
         ax.plot([x_c + c, x_c + c], [0, M], color="gray", lw=0.6)
     for r in range(block_m, M, block_m):
         ax.plot([x_c, x_c + N], [r, r], color="gray", lw=0.6)
-    ax.set(xlim=(-gap * 0.3, x_c + N + gap * 0.3), ylim=(max(M, K) * 1.05, -0.15 * max(M, K)))
+    ax.set(xlim=(-gap * 0.3, x_c + N + gap * 0.3), ylim=(max(M, K) * 1.25, -0.05 * max(M, K)))
     ax.set_aspect("equal")
     ax.axis("off")

@@ -119,6 +119,14 @@ def test_act_quant_amax_floor(each_backend):
     assert ((R.act_dequant(q, s) - x).norm() / x.norm()) < 0.04  # the full E4M3 range, as for values near 1
     with pytest.raises(ValueError, match="amax_floor must be"):
         kernels.act_quant(x, 128, 0.0)
+    w = randn((200, 300), 1, -9)
+    for floor in (R.AMAX_FLOOR, 1e-12):
+        q, s = kernels.weight_quant(w, 128, floor)
+        rq, rs = R.weight_quant(w, 128, floor)
+        assert torch.equal(codes(q), codes(rq)) and torch.equal(s, rs)
+    assert s.max() < R.AMAX_FLOOR / R.FP8_MAX  # with the small floor the scales follow the values (about 1e-9)
+    with pytest.raises(ValueError, match="amax_floor must be"):
+        kernels.weight_quant(w, 128, float("nan"))
 
 
 def test_weight_dequant_default_dtype():
