@@ -5,9 +5,11 @@ Backends (`backend()` says which is active):
   "interpret"  the same kernels run by Triton's interpreter on the CPU, to read and step through them;
   "torch"      plain PyTorch (`kernels.reference`), when Triton is missing or asked for.
 
-The choice is made on first import: `MINI_DEEPSEEK_KERNELS=torch|triton|auto` (default auto) and, without a
-GPU, `TRITON_INTERPRET=1` is set before any kernel is defined (set `TRITON_INTERPRET` yourself to override).
-Compiled versus interpreted is fixed then; `set_backend("torch" | "triton" | "auto")` switches at run time.
+The choice is made on first use (a kernel call or `backend()`), not on import, so that importing `kernels` (or
+`mini_deepseek`) neither imports Triton nor touches the environment: `MINI_DEEPSEEK_KERNELS=torch|triton|auto`
+(default auto) and, without a GPU, `TRITON_INTERPRET=1` is set before any kernel is defined (set
+`TRITON_INTERPRET` yourself to override). Compiled versus interpreted is fixed then; `set_backend("torch" |
+"triton" | "auto")` switches at run time.
 The kernels are forward-only (no autograd): they serve inference and FP8 forward passes.
 
 Numerics (see `kernels.reference` for the definitions):
@@ -44,7 +46,7 @@ __all__ = ["act_quant", "weight_quant", "weight_dequant", "fp8_gemm", "fused_moe
 
 _ENV = "MINI_DEEPSEEK_KERNELS"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_backend = "torch"
+_backend: str | None = None  # None until first use (see backend())
 _triton_impls: dict | None = None
 
 
@@ -56,6 +58,7 @@ def _load_triton() -> tuple[str, dict] | None:
     if _triton_impls is None:
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede every @triton.jit below
+            _interpret_triton_language()
         from . import fp8, moe
 
         _triton_impls = dict(act_quant=fp8.act_quant, weight_quant=fp8.weight_quant,
@@ -65,8 +68,32 @@ def _load_triton() -> tuple[str, dict] | None:
     return ("interpret" if triton.knobs.runtime.interpret else "triton"), _triton_impls
 
 
+def _interpret_triton_language() -> None:
+    """Let the interpreter run triton.language's own @jit functions (tl.max, tl.sum, tl.cdiv, ...) when Triton was
+    imported before TRITON_INTERPRET was set (torch._dynamo imports it, for one): `@triton.jit` decides at
+    decoration time, so those are compiled-mode JITFunctions, which an interpreted kernel cannot call. Without a
+    GPU nothing could run them compiled anyway."""
+    import sys
+
+    from triton import knobs
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if not knobs.runtime.interpret:  # TRITON_INTERPRET=0 set by the user: leave Triton as it is
+        return
+    interpreted: dict[int, InterpretedFunction] = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                setattr(module, attr, interpreted.setdefault(id(value), InterpretedFunction(value.fn)))
+
+
 def backend() -> str:
-    """The active backend: "triton", "interpret" or "torch"."""
+    """The active backend: "triton", "interpret" or "torch" (chosen from the environment on the first call)."""
+    if _backend is None:
+        _init_backend()
     return _backend
 
 
@@ -86,14 +113,14 @@ def set_backend(name: str) -> str:
 def _init_backend() -> None:
     requested = os.environ.get(_ENV, "auto").strip().lower() or "auto"
     if requested not in ("auto", "triton", "torch"):
-        warnings.warn(f"{_ENV}={requested!r} is not one of auto, triton, torch; using auto", stacklevel=3)
+        warnings.warn(f"{_ENV}={requested!r} is not one of auto, triton, torch; using auto", stacklevel=4)
         requested = "auto"
     if set_backend("auto" if requested == "triton" else requested) == "torch" and requested != "torch":
-        warnings.warn("Triton is not installed: kernels run their plain-PyTorch versions", stacklevel=3)
+        warnings.warn("Triton is not installed: kernels run their plain-PyTorch versions", stacklevel=4)
 
 
 def _impl(name: str):
-    return getattr(reference, name) if _backend == "torch" else _triton_impls[name]
+    return getattr(reference, name) if backend() == "torch" else _triton_impls[name]
 
 
 # ---- argument checks, shared by every backend ----
@@ -123,7 +150,7 @@ def _check_devices(fp8: bool = True, **tensors: torch.Tensor) -> None:
     if len(devices) > 1:
         raise ValueError("tensors on different devices: " + ", ".join(f"{n} on {t.device}" for n, t in tensors.items()))
     device = devices.pop()
-    if _backend != "triton":
+    if backend() != "triton":
         return
     if device.type != "cuda":
         raise ValueError(f"the compiled Triton backend needs CUDA tensors, got {device}; move them to the GPU "
@@ -275,6 +302,3 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     _check_devices(fp8=fp8, **tensors)
     return _impl("fused_moe")(x, w1, w2, topk_weights, topk_ids, w1_scale=w1_scale, w2_scale=w2_scale,
                               block_size=block_size)
-
-
-_init_backend()

@@ -180,8 +180,8 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     fp8 = {}
     for k, t in tensors.items():
         quantized = t.dim() == 2 and k.startswith("model.layers.") and not k.endswith(
-            ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight"))
-        if quantized:  # as published: Linear weights only; embeddings, norms, gate and head stay as they are
+            ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight", "eh_proj.weight"))
+        if quantized:  # as published: Linear weights only; embeddings, norms, gate, head and eh_proj stay as they are
             fp8[k], fp8[k.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8(t, block)
         else:
             fp8[k] = t.to(torch.bfloat16) if k.endswith(".weight") else t
@@ -230,6 +230,8 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     experts, up = kept.layers[2].mlp.experts, "model.layers.2.mlp.experts.5.up_proj"
     assert torch.equal(experts.w_gate_up[5, I:].view(torch.uint8), fp8[up + ".weight"].view(torch.uint8))
     assert torch.equal(experts.w_gate_up_scale_inv[5, I // block:], fp8[up + ".weight_scale_inv"])
+    eh_proj = kept.mtp[0].eh_proj  # kept in BF16, as stored (and as the published checkpoint stores it)
+    assert type(eh_proj) is torch.nn.Linear and torch.equal(eh_proj.weight, fp8["model.layers.3.eh_proj.weight"])
 
     fp8[kv + ".weight_scale_inv"] = torch.ones(1, 2)
     save_file(fp8, tmp_path / "model.safetensors", metadata={"format": "pt"})

@@ -77,7 +77,9 @@ def test_quantize_to_fp8_replaces_what_deepseek_quantizes(models):
     _, plain, fp8 = models
     assert isinstance(fp8.lm_head, nn.Linear) and fp8.embed_tokens.weight.dtype == torch.float32
     assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.layers.modules())
-    assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.mtp.modules())
+    # the MTP module as published: its eh_proj stays in high precision, its block is FP8
+    assert all(isinstance(m.eh_proj, nn.Linear) and m.eh_proj.weight.dtype == torch.float32 for m in fp8.mtp)
+    assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.mtp.modules() if m is not fp8.mtp[0].eh_proj)
     attn = fp8.layers[0].self_attn
     assert isinstance(attn.kv_b_proj, FP8Linear) and attn.kv_b_proj.weight.dtype == FP8
     out_features, in_features = plain.layers[0].self_attn.kv_b_proj.weight.shape  # toy: 256 x 64

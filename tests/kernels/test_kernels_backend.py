@@ -1,4 +1,5 @@
-"""The backend switch: chosen at import from the environment, switchable at run time."""
+"""The backend switch: chosen on first use from the environment (importing has no side effect), switchable at
+run time."""
 
 import os
 import subprocess
@@ -16,13 +17,16 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def import_kernels(env: dict[str, str], prelude: str = "") -> list[str]:
-    """Import kernels in a fresh interpreter; returns [backend, TRITON_INTERPRET, triton imported?, warnings]."""
+    """Import kernels in a fresh interpreter, then use it once. Returns [backend, TRITON_INTERPRET, triton imported?,
+    warnings] after that first use."""
     code = textwrap.dedent(prelude) + textwrap.dedent("""
         import os, sys, warnings
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             import kernels
-        print(kernels.backend(), os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules,
+            assert "triton" not in sys.modules and "TRITON_INTERPRET" not in os.environ, "import side effect"
+            active = kernels.backend()  # the first use chooses the backend
+        print(active, os.environ.get("TRITON_INTERPRET"), "triton" in sys.modules,
               "|".join(str(w.message) for w in caught), sep="\\n")
     """)
     clean = {k: v for k, v in os.environ.items() if k not in ("MINI_DEEPSEEK_KERNELS", "TRITON_INTERPRET")}
@@ -52,6 +56,29 @@ def test_cpu_with_triton_interprets():
         pytest.skip("a GPU is present: the kernels compile")
     backend, interpret, _, notice = import_kernels({})
     assert (backend, interpret, notice) == ("interpret", "1", "")
+
+
+def test_interpreter_works_when_triton_was_imported_first():
+    """torch._dynamo imports Triton (before TRITON_INTERPRET is set, now that importing kernels sets nothing): the
+    first kernel call must still run interpreted, bit-identical to the reference."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the kernels compile")
+    code = textwrap.dedent("""
+        import sys
+        import torch._dynamo  # imports triton
+        assert "triton" in sys.modules
+        import torch, kernels
+        from kernels import reference as R
+        x = torch.randn(3, 200)
+        (q, s), (rq, rs) = kernels.act_quant(x), R.act_quant(x)
+        print(kernels.backend(), torch.equal(q.view(torch.uint8), rq.view(torch.uint8)) and torch.equal(s, rs))
+    """)
+    clean = {k: v for k, v in os.environ.items() if k not in ("MINI_DEEPSEEK_KERNELS", "TRITON_INTERPRET")}
+    out = subprocess.run([sys.executable, "-c", code], env=clean | {"PYTHONPATH": str(ROOT)}, capture_output=True,
+                         text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["interpret", "True"]
 
 
 def test_set_backend_round_trip():
