@@ -47,12 +47,12 @@ from torch import nn
 import kernels
 from kernels.reference import act_dequant
 
-from .fp8 import FP8Linear, FP8RoutedExperts, _ops
+from .fp8 import _KEPT_LINEARS, FP8Linear, FP8RoutedExperts, _ops
 from .moe import RoutedExperts
 
 # Linears kept in higher precision besides the ones that are not nn.Linear (embedding, gate): the output head, and
-# MTP's projection, which the published FP8 checkpoint stores in BF16.
-HIGH_PRECISION_LINEARS = ("lm_head", "eh_proj")
+# MTP's projection, which the published FP8 checkpoint stores in BF16: the layers quantize_to_fp8 keeps.
+HIGH_PRECISION_LINEARS = _KEPT_LINEARS
 # The amax floor of gradient tiles. Activations keep the kernels' 1e-4, but the gradient of a mean loss over M tokens
 # is of order 1 / M: with a floor of 1e-4, the floor rather than the values would set the scale of every gradient
 # tile below it and push its small entries into the subnormals. This floor only keeps all-zero tiles finite.
