@@ -65,7 +65,8 @@ class Gate(nn.Module):
         counted [N] bool: the tokens that enter the routing statistics (last_load, which the bias update reads,
         and the sequence-wise loss); padding and positions whose target is -100 do not. None: every token.
         """
-        logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does
+        with torch.autocast(x.device.type, enabled=False):  # routing in float32, as the reference does, even under
+            logits = F.linear(x.float(), self.weight.float())  # autocast (DeepSeek-V3 keeps the gate out of BF16/FP8)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # [N, E]
         bias = self.e_score_correction_bias
         biased = scores if bias is None else scores + bias

@@ -213,7 +213,7 @@ MUTANTS: list[Mutant] = [
            "b_s = tl.load(b_s_ptrs + step, mask=col_ok, other=0.0)", "b_s = tl.load(b_s_ptrs, mask=col_ok, other=0.0)",
            ("tests/kernels/test_fp8_kernels.py::test_ragged_shapes_use_partial_blocks",)),
     Mutant("FP8 quantization without the amax floor (an all-zero tile divides 0 by 0)", "kernels/fp8.py",
-           "tl.div_rn(tl.maximum(amax, _AMAX_FLOOR), _FP8_MAX)", "tl.div_rn(amax, _FP8_MAX)",
+           "tl.div_rn(tl.maximum(amax, amax_floor), _FP8_MAX)", "tl.div_rn(amax, _FP8_MAX)",
            ("tests/kernels/test_fp8_kernels.py::test_zero_tiles_get_finite_scale_and_zero_codes",)),
     Mutant("E4M3 rounding truncates instead of rounding to nearest even", "kernels/fp8.py",
            "rounded = ((steps + RNE_MAGIC) - RNE_MAGIC) * quantum", "rounded = tl.floor(steps) * quantum",
@@ -266,6 +266,18 @@ MUTANTS: list[Mutant] = [
     Mutant("DualPipe's bubble with zero-bubble's 2W instead of its own 3W", "mini_deepseek/pipeline/simulate.py",
            '"dualpipe": (P // 2 - 1) * (FB + B - 3 * W)', '"dualpipe": (P // 2 - 1) * (FB + B - 2 * W)',
            ("tests/test_pipeline.py::test_idle_time_equals_the_closed_form_on_every_device",)),
+    # --- FP8 training (notebook 04) ---
+    Mutant("FP8 Dgrad: the weight transposed but its block scales not", "mini_deepseek/fp8_training.py",
+           "w_t_q, w_t_s = w_q.T.contiguous(), w_s.T.contiguous()",
+           "w_t_q, w_t_s = w_q.T.contiguous(), w_s.contiguous()",
+           ("tests/test_fp8_training.py::test_gradients_equal_autograd_of_the_dequantized_arithmetic",)),
+    Mutant("FP8 gradients quantized with the activations' amax floor (small gradients lose bits)",
+           "mini_deepseek/fp8_training.py",
+           "dy_q, dy_s = ops.act_quant(dy, bs, GRAD_AMAX_FLOOR)", "dy_q, dy_s = ops.act_quant(dy, bs)",
+           ("tests/test_fp8_training.py::test_tiny_gradients_lose_nothing_to_the_amax_floor",)),
+    Mutant("accumulator promotion keeps the partial sum instead of restarting it", "mini_deepseek/fp8_numerics.py",
+           "total, acc = total + acc.float(), torch.zeros_like(acc)", "total, acc = total + acc.float(), acc * 0.5",
+           ("tests/test_fp8_numerics.py::test_round_to_bits_and_the_accumulator",)),
     # --- exercise solutions (the graded tests must tell these apart from the right answers) ---------------------
     Mutant("exercise rms_norm computed in bf16 (the docstring asks float32)", "solutions/ex00_basics.py",
            "    x32 = x.float()\n    normalized = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)\n"
