@@ -46,3 +46,10 @@ def test_speculative_benchmark_runs_and_keeps_the_tokens(tmp_path):
     if "--skip-hf" not in args:
         rows = [line for line in out.splitlines() if line.startswith(("transformers generate", "mini_deepseek "))]
         assert len(rows) == 3 and all(line.rstrip().endswith("True") for line in rows), out
+
+
+def test_fp8_training_benchmark_runs_both_precisions():
+    out = run("benchmarks/fp8_train_step.py", "--quick", "--reps", "1")
+    rows = [line for line in out.splitlines() if line.replace(" ", "").startswith(("|BF16|", "|FP8|"))]
+    assert "One Linear" in out and "One training step" in out, out
+    assert len(rows) == 2 and "nan" not in out, out
