@@ -33,6 +33,19 @@ BENCH_CONFIG = dict(
 )
 
 
+def load_in_transformers(model: DeepSeekV3, transformers):
+    """The same weights in transformers' DeepseekV3ForCausalLM: written by our save_pretrained, read by theirs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        return transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' greedy generate of exactly n new tokens (it would stop at its eos token otherwise)."""
+    return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False)
+
+
 def median_time(fn, repeats: int) -> float:
     times = []
     for _ in range(repeats):
@@ -57,9 +70,7 @@ def main() -> None:
     prompt_len, new_tokens = (128, 16) if args.quick else (1024, 128)
 
     ours = DeepSeekV3(ModelConfig.preset("toy", **BENCH_CONFIG)).eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        save_pretrained(ours, tmp)
-        hf = transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    hf = load_in_transformers(ours, transformers)
     prompt = torch.randint(0, BENCH_CONFIG["vocab_size"], (1, prompt_len))
     with torch.no_grad():
         parity = (ours(prompt[:, :256]) - hf(prompt[:, :256]).logits).abs().max().item()
@@ -67,8 +78,7 @@ def main() -> None:
           f"max |logits ours - transformers| = {parity:.2e}")
 
     def hf_generate(n: int = new_tokens):
-        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False)
+        return hf_greedy(hf, prompt, n)
 
     def our_generate(n: int = new_tokens):
         return ours.generate(prompt, n)
