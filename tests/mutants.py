@@ -59,8 +59,13 @@ MUTANTS: list[Mutant] = [
            "self.embed_tokens(input_ids[:, k:])", "self.embed_tokens(input_ids[:, k - 1:T - 1])",
            ("tests/test_model.py::test_model_is_causal_and_mtp_sees_exactly_one_more_token",)),
     Mutant("MTP modules read h before the main model's final norm (h^0 is after it)", "mini_deepseek/model.py",
-           "        h = self.norm(h)  # what the output head reads, and h^0 of the MTP modules (mtp.py)\n"
+           # _hidden ends with the final norm; the mutant skips it there (an identity forward for the one call) and
+           # applies it for the output head only, so the MTP modules get the un-normalized h
+           "        h = self._hidden(input_ids, freqs, start_pos, cache, padding, counted)  # [B, T, dim]\n"
            "        logits = self.lm_head(h).float()\n",
+           "        self.norm.__dict__['forward'] = lambda x: x\n"
+           "        h = self._hidden(input_ids, freqs, start_pos, cache, padding, counted)\n"
+           "        del self.norm.__dict__['forward']\n"
            "        logits = self.lm_head(self.norm(h)).float()\n",
            ("tests/test_model.py::test_mtp_reads_the_normalized_main_output_and_chains_through_the_head_norm",)),
     Mutant("nucleus sampling drops the token that crosses top_p", "mini_deepseek/model.py",
