@@ -235,8 +235,9 @@ class WordProblem(Problem):
 
     @property
     def r1_completion(self) -> str:
-        """The same solution in DeepSeek-R1's format: "<think>7+5=12; 12-3=9</think><answer>9</answer>"."""
-        return f"<think>{self.reasoning}</think><answer>{self.answer_text}</answer>"
+        """The same solution in DeepSeek-R1's format: "<think>7+5=12; 12-3=9; so 9</think><answer>9</answer>".
+        Only the delimiters differ from the pretraining text's " 7+5=12; 12-3=9; so 9"."""
+        return f"<think>{self.reasoning}; so {self.answer_text}</think><answer>{self.answer_text}</answer>"
 
 
 def make_word_problem(start: int, steps: Sequence[tuple[str, int]], language: str = "digits", name: str = "Ann",
@@ -335,6 +336,24 @@ def word_problems(n: int, seed: int = 0, levels: Sequence[int] = (1, 2, 3), word
         raise ValueError(f"could not draw {n} problems at levels {tuple(levels)} outside the {len(excluded)} "
                          f"excluded expressions")
     return problems
+
+
+def arithmetic_tables(max_count: int = WORD_PROBLEM_MAX, languages: Sequence[str] = NUMBER_LANGUAGES
+                      ) -> list[tuple[str, str]]:
+    """Every single step a word problem with counts in 0..max_count can take, as (prompt, completion) pairs in each
+    language: ("7+5=", "12"), ("seven+five=", "twelve"), ... A pretraining text has such tables beside its word
+    problems; they teach the facts that a worked solution strings together."""
+    if not 0 < max_count <= MAX_WORD_NUMBER:
+        raise ValueError(f"max_count = {max_count}: must be in 1..{MAX_WORD_NUMBER}")
+    pairs = []
+    for language in languages:
+        for a in range(max_count + 1):
+            for b in range(1, min(9, max_count) + 1):
+                for op, result in (("+", a + b), ("-", a - b)):
+                    if 0 <= result <= max_count:
+                        pairs.append((write_number(a, language) + op + write_number(b, language) + "=",
+                                      write_number(result, language)))
+    return pairs
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -519,3 +538,21 @@ class PairDataset:
             inputs[b, :len(x)] = torch.tensor(x)
             targets[b, :len(y)] = torch.tensor(y)
         return inputs, targets
+
+
+class InterleavedDataset:
+    """Datasets taking turns, one batch each (step s draws batch s // n of dataset s % n), with the get_batch
+    interface of TokenDataset: e.g. worked problems and arithmetic tables in one pretraining run."""
+
+    def __init__(self, *datasets: TokenDataset | PairDataset):
+        if not datasets:
+            raise ValueError("InterleavedDataset needs at least one dataset")
+        self.datasets = datasets
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def get_batch(self, step: int, batch_size: int, seq_len: int, split: str = "train"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.datasets)
+        return self.datasets[step % n].get_batch(step // n, batch_size, seq_len, split)

@@ -123,6 +123,12 @@ _THINK_THEN_ANSWER = re.compile(r"\s*<think>(.*?)</think>\s*<answer>(.*?)</answe
 _ANY_TAG = re.compile(r"</?(?:think|answer)>")
 
 
+def reasoning_of(completion: str) -> str | None:
+    """The text of the first <think>...</think> block, or None without one."""
+    match = _THINK.search(completion)
+    return match.group(1) if match else None
+
+
 def accuracy_reward(completion: str, answer: int) -> float:
     """1.0 when the first <answer>...</answer> of the completion holds exactly the right number (digits or words,
     surrounding spaces allowed), else 0.0. No answer tag, no reward: the format is part of the rule."""
@@ -147,8 +153,8 @@ def language_consistency_reward(completion: str, language: str) -> float:
     No reasoning block, or no numeral in it, gives 0.0: dropping the reasoning must not earn the reward."""
     if language not in NUMBER_LANGUAGES:
         raise ValueError(f"unknown language {language!r}; choose one of {NUMBER_LANGUAGES}")
-    match = _THINK.search(completion)
-    numerals = NUMERAL.findall(match.group(1)) if match else []
+    reasoning = reasoning_of(completion)
+    numerals = NUMERAL.findall(reasoning) if reasoning is not None else []
     if not numerals:
         return 0.0
     return sum(numeral_language(n) == language for n in numerals) / len(numerals)

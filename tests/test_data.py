@@ -5,9 +5,11 @@ import torch
 
 from mini_deepseek.data import (
     NUMERAL,
+    InterleavedDataset,
     PairDataset,
     TokenDataset,
     arithmetic_problems,
+    arithmetic_tables,
     arithmetic_text,
     check_answer,
     extract_answer,
@@ -198,7 +200,8 @@ def test_word_problem_solutions(kwargs, text):
     problem = make_word_problem(7, [("+", 5), ("-", 3)], **kwargs)
     assert problem.text == text
     assert problem.answer == 9 and problem.level == 2 and problem.expression == "7+5-3"
-    assert problem.r1_completion == f"<think>{problem.reasoning}</think><answer>{problem.answer_text}</answer>"
+    assert problem.r1_completion == (f"<think>{problem.reasoning}; so {problem.answer_text}</think>"
+                                     f"<answer>{problem.answer_text}</answer>")
     assert check_answer(problem.completion, 9)
 
 
@@ -249,3 +252,23 @@ def test_pair_dataset_masks_the_prompt_and_pads():
         PairDataset([("", "x")], tok)
     with pytest.raises(ValueError, match="val split"):
         data.get_batch(0, 2, 64, split="val")
+
+
+def test_arithmetic_tables_hold_every_step_of_the_word_problems():
+    tables = arithmetic_tables(12)
+    assert ("7+5=", "12") in tables and ("twelve-three=", "nine") in tables and ("5-7=", "-2") not in tables
+    facts = {prompt + answer for prompt, answer in tables}
+    assert len(facts) == len(tables)
+    for problem in word_problems(300, seed=1, max_count=12, words_share=0.5):
+        assert all(step in facts for step in problem.reasoning.split("; ")), problem.reasoning
+    with pytest.raises(ValueError, match="max_count"):
+        arithmetic_tables(0)
+
+
+def test_interleaved_dataset_takes_turns():
+    first, second = PairDataset([("a", "1")]), PairDataset([("bb", "22")])
+    mixed = InterleavedDataset(first, second)
+    for step in range(4):
+        expected = (first if step % 2 == 0 else second).get_batch(step // 2, 2, 8)
+        assert all(torch.equal(x, y) for x, y in zip(mixed.get_batch(step, 2, 8), expected, strict=True))
+    assert len(mixed) == 2

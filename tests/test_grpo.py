@@ -142,7 +142,7 @@ def test_generated_solutions_earn_every_reward_and_switching_loses_consistency()
     for problem in word_problems(300, seed=5, words_share=0.5, all_at_once_share=0.5):
         assert rule_rewards(problem.r1_completion, problem.answer, problem.language) == \
             {"accuracy": 1.0, "format": 1.0, "language": 1.0}
-    # 9 numerals in three steps; from the fourth on in digits: 3 of 9 in words, and the answer stays right
+    # 9 numerals in three steps and the "so"; from the fourth on in digits: 3 of 10 in words, the answer stays right
     mixed = make_word_problem(9, [("-", 2), ("+", 1), ("+", 4)], "words", switch_at=3)
-    assert mixed.r1_completion == "<think>nine-two=seven; 7+1=8; 8+4=12</think><answer>12</answer>"
-    assert rule_rewards(mixed.r1_completion, 12, "words") == {"accuracy": 1.0, "format": 1.0, "language": 1 / 3}
+    assert mixed.r1_completion == "<think>nine-two=seven; 7+1=8; 8+4=12; so 12</think><answer>12</answer>"
+    assert rule_rewards(mixed.r1_completion, 12, "words") == {"accuracy": 1.0, "format": 1.0, "language": 3 / 10}
