@@ -4,10 +4,15 @@ Backends (`backend()` says which is active):
   "triton"     Triton kernels compiled for the GPU (CUDA available, Triton installed);
   "interpret"  the same kernels run by Triton's interpreter on the CPU, to read and step through them;
   "torch"      plain PyTorch (`kernels.reference`), when Triton is missing or asked for.
+The backend is chosen per call from the tensors' device: compiled kernels take CUDA tensors only, so under
+"triton" tensors on the CPU (or the meta device) take the plain-PyTorch versions. `backend(device)` says which
+backend tensors on `device` take.
 
-The choice is made on first import: `MINI_DEEPSEEK_KERNELS=torch|triton|auto` (default auto) and, without a
-GPU, `TRITON_INTERPRET=1` is set before any kernel is defined (set `TRITON_INTERPRET` yourself to override).
-Compiled versus interpreted is fixed then; `set_backend("torch" | "triton" | "auto")` switches at run time.
+The choice is made on first use (a kernel call or `backend()`), not on import, so that importing `kernels` (or
+`mini_deepseek`) neither imports Triton nor touches the environment: `MINI_DEEPSEEK_KERNELS=torch|triton|auto`
+(default auto) and, without a GPU, `TRITON_INTERPRET=1` is set before any kernel is defined (set
+`TRITON_INTERPRET` yourself to override). Compiled versus interpreted is fixed then; `set_backend("torch" |
+"triton" | "auto")` switches at run time.
 The kernels are forward-only (no autograd): they serve inference and FP8 forward passes.
 
 Numerics (see `kernels.reference` for the definitions):
@@ -43,7 +48,7 @@ __all__ = ["act_quant", "weight_quant", "weight_dequant", "fp8_gemm", "fused_moe
 
 _ENV = "MINI_DEEPSEEK_KERNELS"
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-_backend = "torch"
+_backend: str | None = None  # None until first use (see backend())
 _triton_impls: dict | None = None
 
 
@@ -55,6 +60,7 @@ def _load_triton() -> tuple[str, dict] | None:
     if _triton_impls is None:
         if not torch.cuda.is_available():
             os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede every @triton.jit below
+            _interpret_triton_language()
         from . import fp8, moe
 
         _triton_impls = dict(act_quant=fp8.act_quant, weight_quant=fp8.weight_quant,
@@ -64,8 +70,36 @@ def _load_triton() -> tuple[str, dict] | None:
     return ("interpret" if triton.knobs.runtime.interpret else "triton"), _triton_impls
 
 
-def backend() -> str:
-    """The active backend: "triton", "interpret" or "torch"."""
+def _interpret_triton_language() -> None:
+    """Let the interpreter run triton.language's own @jit functions (tl.max, tl.sum, tl.cdiv, ...) when Triton was
+    imported before TRITON_INTERPRET was set (torch._dynamo imports it, for one): `@triton.jit` decides at
+    decoration time, so those are compiled-mode JITFunctions, which an interpreted kernel cannot call. Without a
+    GPU nothing could run them compiled anyway."""
+    import sys
+
+    from triton import knobs
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    if not knobs.runtime.interpret:  # TRITON_INTERPRET=0 set by the user: leave Triton as it is
+        return
+    interpreted: dict[int, InterpretedFunction] = {}
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                setattr(module, attr, interpreted.setdefault(id(value), InterpretedFunction(value.fn)))
+
+
+def backend(device: torch.device | str | None = None) -> str:
+    """The active backend: "triton", "interpret" or "torch" (chosen from the environment on the first call). Given
+    a device, the backend its tensors take: the same, except that compiled Triton runs CUDA tensors only and tensors
+    elsewhere take "torch"."""
+    if _backend is None:
+        _init_backend()
+    if device is not None and _backend == "triton" and torch.device(device).type != "cuda":
+        return "torch"
     return _backend
 
 
@@ -85,14 +119,15 @@ def set_backend(name: str) -> str:
 def _init_backend() -> None:
     requested = os.environ.get(_ENV, "auto").strip().lower() or "auto"
     if requested not in ("auto", "triton", "torch"):
-        warnings.warn(f"{_ENV}={requested!r} is not one of auto, triton, torch; using auto", stacklevel=3)
+        warnings.warn(f"{_ENV}={requested!r} is not one of auto, triton, torch; using auto", stacklevel=4)
         requested = "auto"
     if set_backend("auto" if requested == "triton" else requested) == "torch" and requested != "torch":
-        warnings.warn("Triton is not installed: kernels run their plain-PyTorch versions", stacklevel=3)
+        warnings.warn("Triton is not installed: kernels run their plain-PyTorch versions", stacklevel=4)
 
 
-def _impl(name: str):
-    return getattr(reference, name) if _backend == "torch" else _triton_impls[name]
+def _impl(name: str, device: torch.device):
+    """The implementation of `name` for tensors on `device` (see `backend`)."""
+    return getattr(reference, name) if backend(device) == "torch" else _triton_impls[name]
 
 
 # ---- argument checks, shared by every backend ----
@@ -116,20 +151,18 @@ def _check_shape(t: torch.Tensor, name: str, expected: tuple[int, ...], why: str
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {tuple(expected)} ({why})")
 
 
-def _check_devices(fp8: bool = True, **tensors: torch.Tensor) -> None:
-    """One device for all; CUDA for compiled kernels, with FP8 support (compute capability 8.9+) if `fp8`."""
+def _check_devices(fp8: bool = True, **tensors: torch.Tensor) -> torch.device:
+    """One device for all, returned; compiled kernels on it need FP8 support (compute capability 8.9+) if `fp8`."""
     devices = {t.device for t in tensors.values()}
     if len(devices) > 1:
         raise ValueError("tensors on different devices: " + ", ".join(f"{n} on {t.device}" for n, t in tensors.items()))
     device = devices.pop()
-    if _backend != "triton":
-        return
-    if device.type != "cuda":
-        raise ValueError(f"the compiled Triton backend needs CUDA tensors, got {device}; move them to the GPU "
-                         "or use kernels.set_backend('torch')")
+    if backend(device) != "triton":
+        return device
     if fp8 and torch.cuda.get_device_capability(device) < (8, 9):
         raise ValueError(f"{torch.cuda.get_device_name(device)} has no FP8 (E4M3) support, which needs compute "
                          "capability 8.9+ (Ada, Hopper or later); use kernels.set_backend('torch')")
+    return device
 
 
 def _check_block(block_size) -> None:
@@ -152,8 +185,8 @@ def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, tor
     """
     _check_tensor(x, "x", _FLOATS)
     _check_block(block_size)
-    _check_devices(x=x)
-    return _impl("act_quant")(x, block_size)
+    device = _check_devices(x=x)
+    return _impl("act_quant", device)(x, block_size)
 
 
 def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -164,8 +197,8 @@ def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, 
     """
     _check_tensor(w, "w", _FLOATS, min_dim=2)
     _check_block(block_size)
-    _check_devices(w=w)
-    return _impl("weight_quant")(w, block_size)
+    device = _check_devices(w=w)
+    return _impl("weight_quant", device)(w, block_size)
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
@@ -177,8 +210,8 @@ def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
     _check_block(block_size)
     _check_out_dtype(dtype or torch.get_default_dtype(), "dtype")
     _check_shape(s, "s", block_scale_shape(q.shape, block_size), f"one scale per {block_size} x {block_size} block of q")
-    _check_devices(q=q, s=s)
-    return _impl("weight_dequant")(q, s, block_size, dtype)
+    device = _check_devices(q=q, s=s)
+    return _impl("weight_dequant", device)(q, s, block_size, dtype)
 
 
 def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor,
@@ -200,8 +233,8 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
         raise ValueError(f"b_q must be [N, K] with K = {K} (the last dimension of a_q), got {tuple(b_q.shape)}")
     _check_shape(b_s, "b_s", block_scale_shape(b_q.shape, block_size),
                  f"one scale per {block_size} x {block_size} block of b_q")
-    _check_devices(a_q=a_q, a_s=a_s, b_q=b_q, b_s=b_s)
-    return _impl("fp8_gemm")(a_q, a_s, b_q, b_s, block_size, out_dtype)
+    device = _check_devices(a_q=a_q, a_s=a_s, b_q=b_q, b_s=b_s)
+    return _impl("fp8_gemm", device)(a_q, a_s, b_q, b_s, block_size, out_dtype)
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
@@ -256,9 +289,6 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
             _check_shape(sc, name, block_scale_shape(w.shape, block_size),
                          f"one scale per {block_size} x {block_size} block of each expert's weight")
         tensors.update(w1_scale=w1_scale, w2_scale=w2_scale)
-    _check_devices(fp8=fp8, **tensors)
-    return _impl("fused_moe")(x, w1, w2, topk_weights, topk_ids, w1_scale=w1_scale, w2_scale=w2_scale,
+    device = _check_devices(fp8=fp8, **tensors)
+    return _impl("fused_moe", device)(x, w1, w2, topk_weights, topk_ids, w1_scale=w1_scale, w2_scale=w2_scale,
                               block_size=block_size)
-
-
-_init_backend()

@@ -1,9 +1,10 @@
 """Attention baselines with one interface: MHA, GQA and MQA (MLA lives in mla.py).
 
-All four variants share `forward(x, freqs_cis, start_pos=0, cache=None)` and `new_cache(batch, max_len)`.
-Without a cache the layer attends causally within x (training, or recomputing a whole sequence). With a cache
-it writes the keys/values of x at positions [start_pos, start_pos + T) and attends to everything cached up to
-there (prefill, then one token at a time when decoding).
+All four variants share `forward(x, freqs_cis, start_pos=0, cache=None, padding=None)` and `new_cache(batch,
+max_len, ...)`. Without a cache the layer attends causally within x (training, or recomputing a whole sequence).
+With a cache it writes the keys/values of x at positions [start_pos, start_pos + T) and attends to everything
+cached up to there (prefill, then one token at a time when decoding). `padding` [B, S] marks the keys that are
+padding (S = start_pos + T with a cache, T without); the masking rule is attention_ops.attention_mask.
 
 - MHA (Vaswani et al., 2017): every query head has its own key/value head; cache 2 * n_h * d_h per token/layer.
 - GQA (Ainslie et al., 2023): n_g key/value heads, each shared by a group of n_h / n_g query heads.
@@ -13,42 +14,11 @@ there (prefill, then one token at a time when decoding).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention_ops import attend, write_cache
 from .config import ModelConfig
 from .rope import apply_rotary_emb
-
-
-def causal_mask(T: int, S: int, start_pos: int, device=None) -> torch.Tensor:
-    """[T, S] bool: query i (at position start_pos + i) may see keys 0 .. start_pos + i."""
-    return torch.arange(S, device=device)[None, :] <= (start_pos + torch.arange(T, device=device))[:, None]
-
-
-def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start_pos: int, scale: float) -> torch.Tensor:
-    """Causal attention of q [B, Hq, T, d] at positions start_pos.. over k [B, Hk, S, d], v [B, Hk, S, dv].
-
-    Keys cover positions 0..S-1 with S = start_pos + T. Hk may divide Hq (grouped heads). Returns [B, Hq, T, dv].
-    """
-    T, S = q.shape[2], k.shape[2]
-    causal, mask = False, None
-    if T > 1 and S == T:
-        causal = True
-    elif T > 1:  # a chunk after a cached prefix
-        mask = causal_mask(T, S, start_pos, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
-
-
-def write_cache(cache: torch.Tensor, new: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """Store new [B, H, T, d] at positions start_pos.. of cache [B, H, L, d]; return the filled part [B, H, S, d]."""
-    end = start_pos + new.shape[2]
-    if new.shape[0] != cache.shape[0]:
-        raise ValueError(f"batch size {new.shape[0]} does not match the KV cache's {cache.shape[0]}")
-    if end > cache.shape[2]:
-        raise ValueError(f"position {end} exceeds the KV cache length {cache.shape[2]}")
-    cache[:, :, start_pos:end] = new
-    return cache[:, :, :end]
 
 
 class GroupedQueryAttention(nn.Module):
@@ -68,7 +38,7 @@ class GroupedQueryAttention(nn.Module):
         return {"k": torch.zeros(shape, dtype=dtype, device=device), "v": torch.zeros(shape, dtype=dtype, device=device)}
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0,
-                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                cache: dict[str, torch.Tensor] | None = None, padding: torch.Tensor | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)
         k = self.k_proj(x).view(B, T, self.kv_heads, self.head_dim)
@@ -77,14 +47,6 @@ class GroupedQueryAttention(nn.Module):
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, head_dim]
         if cache is not None:
             k, v = write_cache(cache["k"], k, start_pos), write_cache(cache["v"], v, start_pos)
-        out = attend(q, k, v, start_pos, self.softmax_scale)  # [B, n_heads, T, head_dim]
+        out = attend(q, k, v, self.softmax_scale, padding)  # [B, n_heads, T, head_dim]
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
-
-def build_attention(cfg: ModelConfig) -> nn.Module:
-    """The attention layer cfg.attn_type names."""
-    if cfg.attn_type == "mla":
-        from .mla import MultiHeadLatentAttention
-
-        return MultiHeadLatentAttention(cfg)
-    return GroupedQueryAttention(cfg)

@@ -207,6 +207,16 @@ def yarn_mscale(factor: float, m: float = 1.0) -> float:
     return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
 
 
+def yarn_attention_factor(factor: float, mscale: float, mscale_all_dim: float) -> float:
+    """YaRN's magnitude on cos/sin, transformers' `attention_factor`: yarn_mscale(s, mscale) / yarn_mscale(s,
+    mscale_all_dim) when both are set, else yarn_mscale(s); 1 without YaRN (s <= 1)."""
+    if factor <= 1:
+        return 1.0
+    if mscale and mscale_all_dim:
+        return yarn_mscale(factor, mscale) / yarn_mscale(factor, mscale_all_dim)
+    return yarn_mscale(factor)
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Presets. "v3" and "v2-lite" are the published geometries; "toy" and "small" keep every mechanism at a size a
 # laptop CPU trains in minutes.
@@ -281,6 +291,10 @@ _HF_ROPE_NAMES = {  # HF rope_scaling / rope_parameters key -> our field
     "mscale": "mscale",
     "mscale_all_dim": "mscale_all_dim",
 }
+# rope keys read without a field of their own: the type and theta; YaRN's attention_factor and truncate are accepted
+# when they say what the fields above imply (checked in hf_to_fields), and rejected by name otherwise
+_HF_ROPE_OTHER = ("rope_type", "type", "rope_theta")
+_HF_YARN_CHECKED = ("attention_factor", "truncate")
 
 
 # Our fields with no Hugging Face name, kept in config.json under "mini_deepseek" (transformers ignores the key).
@@ -319,6 +333,13 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
     if "rope_theta" in rope:
         fields["rope_theta"] = rope["rope_theta"]
     rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "yarn"):
+        raise ValueError(f"config.json rope type {rope_type!r} is not supported (only 'default' and 'yarn')")
+    known = _HF_ROPE_OTHER + ((*_HF_ROPE_NAMES, *_HF_YARN_CHECKED) if rope_type == "yarn" else ())
+    unknown = sorted(set(rope) - set(known))
+    if unknown:
+        raise ValueError(f"config.json rope parameters {unknown} are not supported for rope type {rope_type!r} "
+                         f"(known: {sorted(known)})")
     if rope_type == "yarn":
         for theirs, ours in _HF_ROPE_NAMES.items():
             if rope.get(theirs) is not None:
@@ -329,22 +350,46 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
         fields.setdefault("mscale", 0.0)
         fields.setdefault("mscale_all_dim", 0.0)
         fields.setdefault("original_seq_len", hf.get("max_position_embeddings", 4096))
-    elif rope_type != "default":
-        raise ValueError(f"config.json rope type {rope_type!r} is not supported (only 'default' and 'yarn')")
+        _check_yarn_extras(rope, fields)
     for name in ("rope_factor", "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "rope_theta"):
         if name in fields:
             fields[name] = float(fields[name])
     # head_dim, qk_head_dim and num_key_value_heads are derived (transformers writes num_key_value_heads = 128, its
     # default, even for a 4-head model): dropped here, written afresh by to_hf.
+    # DeepSeek's own modeling code (MoEGate) weighs its balance loss by aux_loss_alpha: the sequence-wise loss when
+    # seq_aux is true (its default, and what the published V2 and V3 configs say), which is our seq_aux_alpha; with
+    # seq_aux false, DeepSeek-V2's expert-level loss over the whole batch, which ModelConfig has no field for.
+    # (The published V3 config.json says 0.001, V2's value; the V3 report gives alpha = 0.0001, the "v3" preset.)
+    alpha = hf.get("aux_loss_alpha")
+    if alpha is not None and hf.get("seq_aux", True):
+        fields["seq_aux_alpha"] = float(alpha)
+    elif alpha:
+        raise ValueError(f"config.json aux_loss_alpha = {alpha} with seq_aux = false asks for DeepSeek-V2's "
+                         "batch-wise expert-level balance loss, which ModelConfig does not have (seq_aux_alpha is "
+                         "the sequence-wise loss)")
     course = hf.get(_COURSE_KEY) or {}
     unknown = sorted(set(course) - set(_COURSE_FIELDS))
     if unknown:
         raise ValueError(f"config.json {_COURSE_KEY} has unknown fields {unknown}; known: {list(_COURSE_FIELDS)}")
     fields.update(course)
     known = set(_HF_NAMES) | {"rope_scaling", "rope_parameters", "model_type", "head_dim", "qk_head_dim",
-                              "num_key_value_heads", _COURSE_KEY}
+                              "num_key_value_heads", "aux_loss_alpha", "seq_aux", _COURSE_KEY}
     fields["extra"] = {k: v for k, v in hf.items() if k not in known}
     return fields
+
+
+def _check_yarn_extras(rope: dict[str, Any], fields: dict[str, Any]) -> None:
+    """attention_factor and truncate (transformers' YaRN options) must say what our fields imply: we derive the
+    cos/sin magnitude from factor, mscale and mscale_all_dim, and floor/ceil the ramp's ends (truncate = true)."""
+    given = rope.get("attention_factor")
+    if given is not None:
+        implied = yarn_attention_factor(float(fields.get("rope_factor", 1.0)), fields["mscale"], fields["mscale_all_dim"])
+        if not math.isclose(given, implied, rel_tol=1e-6):
+            raise ValueError(f"config.json rope attention_factor = {given} is not supported: ModelConfig derives "
+                             f"it from factor, mscale and mscale_all_dim ({implied:.6g} here)")
+    if rope.get("truncate", True) is not True:
+        raise ValueError(f"config.json rope truncate = {rope['truncate']!r} is not supported: YaRN's correction "
+                         "range is floored and ceiled to whole dimensions (truncate = true), as DeepSeek does")
 
 
 def fields_to_hf(cfg: ModelConfig) -> dict[str, Any]:

@@ -5,7 +5,8 @@ float32 scale per 128 x 128 block, activations quantized per token in 1 x 128 ti
     model = from_pretrained(path, fp8=True)    # the published FP8 weights, kept in FP8 (checkpoint.py)
 
 Kept in higher precision, as in DeepSeek-V3's FP8 framework and its published checkpoints: the embedding, the
-output head, the MoE gate and every RMSNorm, components the paper found sensitive to low precision.
+output head, the MoE gate and every RMSNorm, components the paper found sensitive to low precision, and the MTP
+modules' `eh_proj`, which the published checkpoint stores in BF16 (model.layers.61.eh_proj.weight has no scale).
 
 The layers hold what the checkpoints hold, under the same names: `weight` float8_e4m3fn [out, in] and
 `weight_scale_inv` float32 [ceil(out / 128), ceil(in / 128)], a multiplier despite its name (w ≈ weight * scale).
@@ -125,16 +126,20 @@ class FP8RoutedExperts(nn.Module):
                                  w2_scale=self.w_down_scale_inv, block_size=self.block_size)
 
 
+_KEPT_LINEARS = ("lm_head", "eh_proj")  # Linear layers the published FP8 checkpoint keeps in BF16
+
+
 def quantize_to_fp8(model: nn.Module, block_size: int = 128) -> nn.Module:
-    """Replace, in place, every nn.Linear but the output head (`lm_head`) by an FP8Linear and every RoutedExperts by
-    FP8RoutedExperts, quantized with `weight_quant` in block_size x block_size blocks. Returns model in eval mode.
+    """Replace, in place, every nn.Linear but the output head (`lm_head`) and the MTP projections (`eh_proj`) by an
+    FP8Linear and every RoutedExperts by FP8RoutedExperts, quantized with `weight_quant` in block_size x block_size
+    blocks. Returns model in eval mode.
 
     Quantizing happens once per weight, so `kernels.reference.weight_quant` does it whatever the kernel switch
     says: its codes are bit-identical to the kernel's, and it also runs on the meta device, where from_pretrained
     builds the FP8 model before reading the weights into it."""
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and name != "lm_head":
+            if isinstance(child, nn.Linear) and name not in _KEPT_LINEARS:
                 setattr(parent, name, FP8Linear.from_linear(child, block_size))
             elif isinstance(child, RoutedExperts):
                 setattr(parent, name, FP8RoutedExperts.from_experts(child, block_size))

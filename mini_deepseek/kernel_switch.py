@@ -36,8 +36,8 @@ def use_kernels(x: torch.Tensor, fp8: bool = False) -> bool:
     In "auto", FP8 work (fp8=True) also needs FP8 tensor cores (compute capability 8.9+: Ada, Hopper): on an older
     GPU such as the A100 it runs the reference arithmetic instead of stopping at the kernels' error.
     """
-    if _mode == "auto":
-        if kernels.backend() != "triton" or not x.is_cuda:
+    if _mode == "auto":  # CPU tensors first: on a CPU, "auto" never loads the kernels (nor imports Triton)
+        if not x.is_cuda or kernels.backend() != "triton":
             return False
         return not fp8 or torch.cuda.get_device_capability(x.device) >= (8, 9)
     return _mode == "on"

@@ -21,12 +21,10 @@ Module names follow the published Hugging Face checkpoints (q_a_proj, kv_a_proj_
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .attention import attend, causal_mask, write_cache
+from .attention_ops import attend, attend_one_kv_head, write_cache
 from .config import ModelConfig
-from .fp8 import dense_weight
 from .norm import RMSNorm
 from .rope import apply_rotary_emb
 
@@ -36,7 +34,7 @@ class MultiHeadLatentAttention(nn.Module):
         super().__init__()
         self.n_heads, self.mode = cfg.n_heads, cfg.mla_mode
         self.nope_dim, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
-        self.kv_rank = cfg.kv_lora_rank
+        self.kv_rank, self.q_rank = cfg.kv_lora_rank, cfg.q_lora_rank
         self.softmax_scale = cfg.softmax_scale
         q_out = self.n_heads * (self.nope_dim + self.rope_dim)
         if cfg.q_lora_rank:  # V3: h -> c_Q (1536) -> RMSNorm -> per-head queries
@@ -60,9 +58,10 @@ class MultiHeadLatentAttention(nn.Module):
                 "v": torch.zeros(batch_size, H, max_len, self.v_dim, dtype=dtype, device=device)}
 
     def forward(self, x: torch.Tensor, freqs_cis: torch.Tensor, start_pos: int = 0,
-                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+                cache: dict[str, torch.Tensor] | None = None, padding: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] at positions start_pos.. -> [B, T, dim]; padding [B, S] marks padding keys (attention_ops)."""
         B, T, _ = x.shape
-        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if hasattr(self, "q_a_proj") else self.q_proj(x)
+        q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x))) if self.q_rank else self.q_proj(x)
         q = q.view(B, T, self.n_heads, self.nope_dim + self.rope_dim)
         q_nope, q_pe = q.split([self.nope_dim, self.rope_dim], dim=-1)  # [B, T, H, d_h], [B, T, H, d_h^R]
         q_pe = apply_rotary_emb(q_pe, freqs_cis)
@@ -70,12 +69,12 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)  # [B, T, 1, d_h^R]: one rope key for all heads
         if self.mode == "absorb":
-            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, cache)
+            out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, cache, padding)
         else:
-            out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos, cache)
+            out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos, cache, padding)
         return self.o_proj(out.reshape(B, T, self.n_heads * self.v_dim))  # out: [B, T, H, d_v]
 
-    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos, cache) -> torch.Tensor:
+    def _naive(self, q_nope, q_pe, c_kv, k_pe, start_pos, cache, padding) -> torch.Tensor:
         B, T, H, _ = q_nope.shape
         kv = self.kv_b_proj(c_kv).view(B, T, H, self.nope_dim + self.v_dim)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B, T, H, d_h], [B, T, H, d_v]
@@ -84,10 +83,12 @@ class MultiHeadLatentAttention(nn.Module):
         v = v.transpose(1, 2)  # [B, H, T, d_v]
         if cache is not None:
             k, v = write_cache(cache["k"], k, start_pos), write_cache(cache["v"], v, start_pos)
-        return attend(q, k, v, start_pos, self.softmax_scale).transpose(1, 2)  # [B, T, H, d_v]
+        return attend(q, k, v, self.softmax_scale, padding).transpose(1, 2)  # [B, T, H, d_v]
 
-    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, cache) -> torch.Tensor:
-        w_kv_b = dense_weight(self.kv_b_proj, q_nope.dtype)  # [H * (d_h + d_v), d_c], dequantized if FP8
+    def _absorbed(self, q_nope, q_pe, c_kv, k_pe, start_pos, cache, padding) -> torch.Tensor:
+        w_kv_b = self.kv_b_proj.weight  # [H * (d_h + d_v), d_c]
+        if w_kv_b.dtype == torch.float8_e4m3fn:  # an fp8.FP8Linear: DeepSeek's inference code dequantizes here too
+            w_kv_b = self.kv_b_proj.dequantized_weight(q_nope.dtype)
         w_ukv = w_kv_b.view(self.n_heads, self.nope_dim + self.v_dim, self.kv_rank)
         w_uk, w_uv = w_ukv.split([self.nope_dim, self.v_dim], dim=1)  # [H, d_h, d_c], [H, d_v, d_c]
         # q^C . (W_UK c) = (q^C W_UK) . c: the query moves into latent space, per head.
@@ -96,13 +97,8 @@ class MultiHeadLatentAttention(nn.Module):
         key = torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).unsqueeze(1)  # [B, 1, T, d_c + d_h^R]
         if cache is not None:
             key = write_cache(cache["latent"], key, start_pos)  # [B, 1, S, d_c + d_h^R]
-        # Every head reads the same single key/value "head", so the heads can become extra query rows (as FlashMLA
-        # does): one [T*H, S] attention instead of H copies of the shared keys. Row t*H + h is head h of token t.
-        # The value is the latent c_KV itself (W_UV comes after attention). Passing the whole key as the value
-        # keeps q, k and v equally wide, which PyTorch's fused CPU attention needs; the rope dims are dropped after.
-        B, H, T, D = query.shape
-        rows = query.transpose(1, 2).reshape(B, 1, T * H, D)  # [B, 1, T*H, d_c + d_h^R]
-        mask = None if T == 1 else causal_mask(T, key.shape[2], start_pos, query.device).repeat_interleave(H, dim=0)
-        o_latent = F.scaled_dot_product_attention(rows, key, key, attn_mask=mask, scale=self.softmax_scale)
-        o_latent = o_latent[..., : self.kv_rank].reshape(B, T, H, self.kv_rank)  # [B, 1, T*H, d_c] -> [B, T, H, d_c]
-        return torch.einsum("bthc,hdc->bthd", o_latent, w_uv)  # [B, T, H, d_v]
+        # Every head reads the same single key/value "head" (multi-query attention over the latent). The value is
+        # the latent c_KV itself (W_UV comes after attention). Passing the whole key as the value keeps q, k and v
+        # equally wide, which PyTorch's fused CPU attention needs; the rope dims are dropped after.
+        o_latent = attend_one_kv_head(query, key, key, self.softmax_scale, padding)  # [B, H, T, d_c + d_h^R]
+        return torch.einsum("bhtc,hdc->bthd", o_latent[..., : self.kv_rank], w_uv)  # [B, T, H, d_v]

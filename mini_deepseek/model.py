@@ -45,32 +45,58 @@ class DeepSeekV3(nn.Module):
 
     # --- forward -----------------------------------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, start_pos: int = 0, cache: list[dict] | None = None,
-                return_mtp: bool = False):
+                return_mtp: bool = False, attention_mask: torch.Tensor | None = None):
         """input_ids [B, T] at positions start_pos.. -> logits [B, T, vocab] (float32 for the loss).
 
-        With return_mtp, also a list of MTP logits, depth k giving [B, T-k, vocab] (predicting token i+k+1 at i).
+        With return_mtp, also a list of MTP logits, depth k giving [B, T-k, vocab] (predicting token i+k+1 at i;
+        [B, 0, vocab] when T <= k).
+
+        attention_mask [B, S] (1 or True = token, 0 or False = padding), covering every key position: S = start_pos
+        + T with a cache (the cached positions too), S = T without. Padding keys are masked in every attention
+        layer (attention_ops.attention_mask) and padding tokens count in no routing statistics. Each row's tokens
+        must be contiguous, the padding at the left and/or the right (e.g. left-padded prompts followed by
+        right-padded completions, as GRPO scores them): RoPE is relative, so a row that starts p positions later
+        gives the logits it would give alone, up to float rounding. Logits at padding positions mean nothing.
         """
         B, T = self._check_ids(input_ids, start_pos)
         if cache is not None and len(cache) != len(self.layers):
             raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}; use model.new_cache()")
+        padding = self._padding(attention_mask, B, start_pos + T if cache is not None else T)
+        return self._forward(input_ids, start_pos, cache, padding, None, return_mtp)
+
+    def _forward(self, input_ids: torch.Tensor, start_pos: int, cache: list[dict] | None,
+                 padding: torch.Tensor | None, target_mask: torch.Tensor | None, return_mtp: bool):
+        """forward, with padding [B, S] (True = padding key) and target_mask [B, T] (False where the target is -100:
+        those positions count in no routing statistics)."""
+        T = input_ids.shape[1]
+        counted = _both(None if padding is None else ~padding[:, -T:], target_mask)  # [B, T] or None
         freqs = self.rope(start_pos, start_pos + T, input_ids.device)
         h = self.embed_tokens(input_ids)  # [B, T, dim]
         for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, start_pos, None if cache is None else cache[i])
-        logits = self.lm_head(self.norm(h)).float()
+            h = layer(h, freqs, start_pos, None if cache is None else cache[i], padding, counted)
+        h = self.norm(h)  # what the output head reads, and h^0 of the MTP modules (mtp.py)
+        logits = self.lm_head(h).float()
         if not return_mtp:
             return logits
         if start_pos != 0 or cache is not None:
             raise ValueError("MTP logits need the whole sequence: call with start_pos=0 and no cache")
-        return logits, self._mtp_logits(input_ids, h, freqs)
+        return logits, self._mtp_logits(input_ids, h, freqs, padding, target_mask, logits[:, :0])
 
-    def _mtp_logits(self, input_ids: torch.Tensor, h: torch.Tensor, freqs: torch.Tensor) -> list[torch.Tensor]:
+    def _mtp_logits(self, input_ids: torch.Tensor, h: torch.Tensor, freqs: torch.Tensor, padding: torch.Tensor | None,
+                    target_mask: torch.Tensor | None, no_logits: torch.Tensor) -> list[torch.Tensor]:
+        """Logits of every MTP depth from h = h^0 [B, T, dim]; no_logits [B, 0, vocab] for depths with no position."""
         T = input_ids.shape[1]
         out = []
         for k, module in enumerate(self.mtp, start=1):
-            n = T - k  # positions whose token i+k is known
-            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), freqs[:n])  # h^k: [B, n, dim]
-            out.append(self.lm_head(module.shared_head.norm(h)).float())
+            n = T - k  # positions i whose token i+k is known
+            if n <= 0:  # too short a sequence for this depth (and the deeper ones)
+                out.append(no_logits)
+                continue
+            # position i mixes h^{k-1}_i and token i+k: padding if either is
+            pad = None if padding is None else padding[:, :n] | padding[:, k:]  # [B, n]
+            counted = _both(None if pad is None else ~pad, None if target_mask is None else target_mask[:, k:])
+            h = module(h[:, :n], self.embed_tokens(input_ids[:, k:]), freqs[:n], pad, counted)  # h^k: [B, n, dim]
+            out.append(self.lm_head(h).float())
         return out
 
     def rope(self, start: int, end: int, device: torch.device) -> torch.Tensor:
@@ -90,20 +116,47 @@ class DeepSeekV3(nn.Module):
                              f"[{int(input_ids.min())}, {int(input_ids.max())}]")
         return B, T
 
+    @staticmethod
+    def _padding(attention_mask: torch.Tensor | None, B: int, S: int) -> torch.Tensor | None:
+        """attention_mask [B, S] of 1/0 -> padding [B, S] bool (True = padding), or None when there is none."""
+        if attention_mask is None:
+            return None
+        real = _tokens_of(attention_mask, (B, S), "one entry per key position: start_pos + T with a cache, T without")
+        if bool(real.all()):
+            return None
+        count = real.sum(dim=1)
+        first = real.int().argmax(dim=1)
+        last = S - 1 - real.flip(1).int().argmax(dim=1)
+        if bool(((count > 0) & (last - first + 1 != count)).any()):
+            raise ValueError("attention_mask has padding between the tokens of a row; pad only at the left and the "
+                             "right (positions would otherwise leave a gap that RoPE sees)")
+        return ~real
+
     # --- training ----------------------------------------------------------------------------------------------
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Next-token loss + mtp_loss_weight * mean MTP loss + sequence-wise balance loss. Targets -100 are ignored."""
+        """Next-token loss + mtp_loss_weight * mean MTP loss + sequence-wise balance loss.
+
+        Targets of -100 are ignored everywhere: in the cross-entropies and in the routing statistics (the load the
+        bias update reads, and the balance loss). An MTP depth with no target left (all -100, or T <= k) adds
+        nothing: the MTP loss is the mean over the depths that have targets, and is absent if none has.
+        """
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
+        self._check_ids(input_ids, 0)
+        target_mask = targets != -100  # [B, T]
+        if not bool(target_mask.any()):
+            raise ValueError("every target is -100: the batch has nothing to learn from")
         if self.mtp:
-            logits, mtp_logits = self(input_ids, return_mtp=True)
+            logits, mtp_logits = self._forward(input_ids, 0, None, None, target_mask, return_mtp=True)
         else:
-            logits, mtp_logits = self(input_ids), []
+            logits, mtp_logits = self._forward(input_ids, 0, None, None, target_mask, return_mtp=False), []
         lm = _cross_entropy(logits, targets)
         total, parts = lm, {"lm": lm.item()}
-        if mtp_logits:
-            # depth k at position i predicts token i+k+1 = targets[i+k]
-            mtp = torch.stack([_cross_entropy(lg, targets[:, k:]) for k, lg in enumerate(mtp_logits, start=1)]).mean()
+        # depth k at position i predicts token i+k+1 = targets[i+k]
+        depths = [_cross_entropy(lg, targets[:, k:]) for k, lg in enumerate(mtp_logits, start=1)
+                  if bool(target_mask[:, k:].any())]
+        if depths:
+            mtp = torch.stack(depths).mean()
             total = total + self.config.mtp_loss_weight * mtp
             parts["mtp"] = mtp.item()
         gates = self.gates()
@@ -122,7 +175,7 @@ class DeepSeekV3(nn.Module):
 
     def expert_load(self) -> torch.Tensor | None:
         """Tokens routed per expert in the last forward: [n_moe_layers (main model), n_routed_experts]."""
-        loads = [layer.mlp.gate.last_load for layer in self.layers if hasattr(layer.mlp, "gate")]
+        loads = [layer.mlp.gate.last_load for layer in self.layers if layer.routed]
         if not loads or any(load is None for load in loads):
             return None
         return torch.stack(loads)
@@ -148,12 +201,16 @@ class DeepSeekV3(nn.Module):
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
-                 use_cache: bool = True, eos_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 use_cache: bool = True, eos_id: int | None = None, generator: torch.Generator | None = None,
+                 attention_mask: torch.Tensor | None = None, pad_id: int | None = None) -> torch.Tensor:
         """Append max_new_tokens to input_ids [B, T]: greedy at temperature 0, else nucleus (top_p) sampling.
 
         With use_cache the prompt is prefilled once and each new token attends to the KV cache; without, every
-        step recomputes the whole sequence (same tokens, much slower). Stops early once every row emitted eos_id.
+        step recomputes the whole sequence (same tokens, much slower).
+        Prompts of different lengths: pad them on the LEFT and give attention_mask [B, T] (1 = token, 0 =
+        padding). Padding keys are masked in every layer, and RoPE being relative, each row decodes as it would
+        alone. A row that emitted eos_id continues with pad_id (default: eos_id) only; generation stops once every
+        row has. Non-finite logits raise a RuntimeError. Returns [B, T + new tokens].
         """
         if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
             raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
@@ -163,26 +220,71 @@ class DeepSeekV3(nn.Module):
             raise ValueError("generate needs a prompt of at least one token")
         if T + max_new_tokens > self.config.max_seq_len:
             raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len = {self.config.max_seq_len}")
+        pad_id = eos_id if pad_id is None else pad_id
+        for name, token in (("eos_id", eos_id), ("pad_id", pad_id)):
+            if token is not None and not 0 <= token < self.config.vocab_size:
+                raise ValueError(f"{name} = {token} is not a token id in [0, {self.config.vocab_size})")
+        mask = self._left_padding_mask(attention_mask, B, T)  # [B, T] bool (True = token), or None
         was_training = self.training
         self.eval()
+        try:
+            tokens = self._decode(input_ids, max_new_tokens, temperature, top_p, use_cache, eos_id, pad_id, generator,
+                                  mask)
+        finally:
+            self.train(was_training)
+        return tokens
+
+    def _decode(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                use_cache: bool, eos_id: int | None, pad_id: int | None, generator: torch.Generator | None,
+                mask: torch.Tensor | None) -> torch.Tensor:
+        """generate's loop, on checked arguments."""
+        B, T = input_ids.shape
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
         tokens = input_ids
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
-        logits = self(input_ids, cache=cache)[:, -1]
+        logits = self(input_ids, cache=cache, attention_mask=mask)[:, -1]
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, temperature, top_p, generator)  # [B]
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
             if eos_id is not None:
+                next_token = next_token.masked_fill(done, pad_id)  # finished rows emit padding only
                 done |= next_token == eos_id
-                if bool(done.all()):
-                    break
-            if step + 1 < max_new_tokens:
-                if use_cache:
-                    logits = self(next_token[:, None], start_pos=T + step, cache=cache)[:, -1]
-                else:
-                    logits = self(tokens)[:, -1]
-        self.train(was_training)
+            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            if bool(done.all()) or step + 1 == max_new_tokens:
+                break
+            if mask is not None:  # new tokens are real tokens (a finished row's are never read)
+                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
+            if use_cache:
+                logits = self(next_token[:, None], start_pos=T + step, cache=cache, attention_mask=mask)[:, -1]
+            else:
+                logits = self(tokens, attention_mask=mask)[:, -1]
         return tokens
+
+    @staticmethod
+    def _left_padding_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
+        """generate's attention_mask [B, T] -> bool [B, T] (True = token): padding only on the left."""
+        if attention_mask is None:
+            return None
+        real = _tokens_of(attention_mask, (B, T), "one entry per prompt token")
+        if bool((real[:, 1:] < real[:, :-1]).any()) or not bool(real[:, -1].all()):
+            raise ValueError("attention_mask: generate needs prompts padded on the LEFT (each row 0..0 1..1, ending "
+                             "with a token), since the new tokens are appended on the right")
+        return real
+
+
+def _tokens_of(attention_mask: torch.Tensor, shape: tuple[int, int], what: str) -> torch.Tensor:
+    """An attention_mask of 1 (token) and 0 (padding), bool or integer, checked -> bool, True for tokens."""
+    if tuple(attention_mask.shape) != shape:
+        raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {shape} ({what})")
+    if attention_mask.is_floating_point() or attention_mask.is_complex():
+        raise ValueError(f"attention_mask must be bool or integer (1 = token, 0 = padding), got {attention_mask.dtype}")
+    if attention_mask.dtype != torch.bool and bool(((attention_mask != 0) & (attention_mask != 1)).any()):
+        raise ValueError("attention_mask must hold only 1 (token) and 0 (padding)")
+    return attention_mask.bool()
+
+
+def _both(a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor | None:
+    """a & b for bool masks where None means all True."""
+    return b if a is None else a if b is None else a & b
 
 
 def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -192,6 +294,10 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, vocab] -> token ids [B]: argmax at temperature 0, else sample from the top_p nucleus."""
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()
+        raise RuntimeError(f"the next-token logits of rows {rows} are not finite (NaN or inf): the model's weights "
+                           "or activations overflowed; nothing can be sampled from them")
     if temperature == 0:
         return logits.argmax(dim=-1)
     probs = (logits.float() / temperature).softmax(dim=-1)

@@ -43,8 +43,23 @@ class Gate(nn.Module):
         self.last_load: torch.Tensor | None = None  # tokens routed per expert in the last forward, [E]
         self.balance_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
 
-    def forward(self, x: torch.Tensor, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k]."""
+    def _apply(self, fn, recurse: bool = True):
+        """Module.to(dtype), .half() and .bfloat16() cast every floating buffer; the routing bias stays float32 (only
+        its device follows), as transformers keeps it (`_keep_in_fp32_modules_strict`). In bfloat16 the bias could
+        not move: around 0.5 its spacing is 2^-8, so +gamma (0.001) rounds away and -gamma becomes -0.00195."""
+        bias = self.e_score_correction_bias
+        super()._apply(fn, recurse)
+        if bias is not None:
+            self.e_score_correction_bias = bias.to(self.e_score_correction_bias.device)
+        return self
+
+    def forward(self, x: torch.Tensor, seq_len: int,
+                counted: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [N, dim] (N = batch * seq_len tokens) -> gating weights [N, k] (x's dtype), expert ids [N, k].
+
+        counted [N] bool: the tokens that enter the routing statistics (last_load, which the bias update reads,
+        and the sequence-wise loss); padding and positions whose target is -100 do not. None: every token.
+        """
         logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # [N, E]
         bias = self.e_score_correction_bias
@@ -57,8 +72,9 @@ class Gate(nn.Module):
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
         with torch.no_grad():
-            self.last_load = torch.bincount(indices.flatten(), minlength=self.n_experts).float()
-        self.balance_loss = self._sequence_balance_loss(scores, indices, seq_len) \
+            routed = indices if counted is None else indices[counted]
+            self.last_load = torch.bincount(routed.flatten(), minlength=self.n_experts).float()
+        self.balance_loss = self._sequence_balance_loss(scores, seq_len, counted) \
             if self.training and self.seq_aux_alpha > 0 else None
         return weights.to(x.dtype), indices
 
@@ -76,15 +92,27 @@ class Gate(nn.Module):
         # agrees only while the kept experts' biased scores stay positive.)
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, -1)
 
-    def _sequence_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor, seq_len: int) -> torch.Tensor:
-        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eqs. 17-20), averaged over the batch."""
+    def _sequence_balance_loss(self, scores: torch.Tensor, seq_len: int,
+                               counted: torch.Tensor | None) -> torch.Tensor | None:
+        """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eqs. 17-20), averaged over the sequences.
+
+        T of eqs. 18 and 20 is the number of counted tokens of each sequence; a sequence with none adds nothing
+        (None when no sequence has any). The indicator of eq. 18 is TopK of the unbiased affinities s_{i,t}, as the
+        report writes it, not the biased, group-limited choice that routes the token.
+        """
         E, k = self.n_experts, self.topk
         probs = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t}: affinities normalized over all experts
-        probs = probs.view(-1, seq_len, E)  # [B, T, E]
-        chosen = torch.zeros_like(probs).scatter_(2, indices.view(-1, seq_len, k), 1.0)  # [B, T, E]
-        f = chosen.mean(dim=1) * (E / k)  # [B, E]: N_r / (K_r T) * tokens choosing expert i
-        P = probs.mean(dim=1)  # [B, E]
-        return self.seq_aux_alpha * (f * P).sum(dim=-1).mean()
+        in_topk = torch.zeros_like(scores).scatter_(1, scores.topk(k, dim=-1).indices, 1.0)  # [N, E], eq. 18
+        w = torch.ones_like(scores[:, :1]) if counted is None else counted.float()[:, None]  # [N, 1]
+        w = w.view(-1, seq_len, 1)  # [B, T, 1]
+        tokens = w.sum(dim=1)  # [B, 1]: T of each sequence
+        per_token = tokens.clamp(min=1)  # no 0/0 (its gradient would be NaN) for a sequence without tokens
+        f = (in_topk.view(-1, seq_len, E) * w).sum(dim=1) * (E / k) / per_token  # [B, E]: N_r / (K_r T) * count
+        P = (probs.view(-1, seq_len, E) * w).sum(dim=1) / per_token  # [B, E]
+        has_tokens = tokens.squeeze(1) > 0
+        if not bool(has_tokens.any()):
+            return None
+        return self.seq_aux_alpha * (f * P).sum(dim=-1)[has_tokens].mean()
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -99,13 +127,14 @@ class RoutedExperts(nn.Module):
 
     w_gate_up [E, 2I, dim] holds each expert's gate rows then up rows; w_down [E, dim, I]. The published
     checkpoints store per-expert `experts.{e}.gate_proj/up_proj/down_proj`; the checkpoint loader stacks them.
-    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as its plain-PyTorch loop;
-    fp8.FP8RoutedExperts holds them in FP8.
+    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as the loop over experts
+    below (kernels/reference.py holds the kernels' own plain-PyTorch specification; a test checks that the two
+    agree, gradients included); fp8.FP8RoutedExperts holds them in FP8.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
         super().__init__()
-        self.inter_dim = inter_dim
+        self.n_experts, self.inter_dim = n_experts, inter_dim
         self.w_gate_up = nn.Parameter(torch.empty(n_experts, 2 * inter_dim, dim))
         self.w_down = nn.Parameter(torch.empty(n_experts, dim, inter_dim))
 
@@ -114,8 +143,19 @@ class RoutedExperts(nn.Module):
         # The fused kernel has no autograd: while gradients flow to these weights (training), take the loop.
         if use_kernels(x) and not (torch.is_grad_enabled() and self.w_gate_up.requires_grad):
             return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, indices)
-        # The loop over experts: kernels.reference.fused_moe, the same definition the kernels are tested against.
-        return kernels.reference.fused_moe(x, self.w_gate_up, self.w_down, weights, indices, compute_dtype=x.dtype)
+        # As DeepSeek's inference/model.py MoE.forward: for each expert, the tokens that chose it, run it, scale by
+        # their gating weight, add. unbind once: indexing w[e] per expert would give each expert its own full-size
+        # (mostly zero) gradient under autograd; unbind's backward stacks them into one.
+        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
+        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
+        y = torch.zeros_like(x)
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            token, slot = torch.where(indices == e)  # the tokens that chose expert e, and where in their top-k
+            gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
+            y.index_add_(0, token, F.linear(F.silu(gate) * up, w_down[e]) * weights[token, slot, None])  # y[token] +=
+        return y
 
 
 class MoE(nn.Module):
@@ -126,10 +166,11 @@ class MoE(nn.Module):
         # The shared experts always run on every token, so they are one MLP of n_shared * moe_inter_dim width.
         self.shared_experts = MLP(cfg.dim, cfg.n_shared_experts * cfg.moe_inter_dim) if cfg.n_shared_experts else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counted: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; counted [B, T] bool: the tokens that enter the routing statistics (Gate)."""
         B, T, D = x.shape
         flat = x.view(B * T, D)
-        weights, indices = self.gate(flat, seq_len=T)
+        weights, indices = self.gate(flat, seq_len=T, counted=None if counted is None else counted.reshape(B * T))
         y = self.experts(flat, weights, indices)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

@@ -27,7 +27,7 @@ import math
 
 import torch
 
-from .config import ModelConfig, yarn_mscale
+from .config import ModelConfig, yarn_attention_factor
 
 
 def _correction_dim(num_rotations: float, dim: int, base: float, max_seq_len: int) -> float:
@@ -58,11 +58,7 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
 
 def rope_attention_factor(cfg: ModelConfig) -> float:
     """YaRN's magnitude on cos/sin (transformers' `attention_factor`); 1 for V3 (mscale == mscale_all_dim)."""
-    if not cfg.yarn:
-        return 1.0
-    if cfg.mscale and cfg.mscale_all_dim:
-        return yarn_mscale(cfg.rope_factor, cfg.mscale) / yarn_mscale(cfg.rope_factor, cfg.mscale_all_dim)
-    return yarn_mscale(cfg.rope_factor)
+    return yarn_attention_factor(cfg.rope_factor, cfg.mscale, cfg.mscale_all_dim)
 
 
 def precompute_freqs_cis(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:

@@ -35,9 +35,9 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
-from tqdm.auto import tqdm
 
 from .data import TokenDataset
+from .progress import progress_bar
 
 
 @dataclass
@@ -155,7 +155,7 @@ def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
     model.train()
     tokens_per_step = cfg.batch_size * cfg.seq_len
     window_loss, window_time, window_steps = 0.0, 0.0, 0
-    with tqdm(total=cfg.steps, initial=start_step, desc="train", unit="step") as bar:
+    with progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step") as bar:
         for step in range(start_step + 1, last_step + 1):
             started = time.perf_counter()
             lr = lr_at(step, cfg)

@@ -12,7 +12,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import mini_deepseek.checkpoint as ckpt
-from kernels.reference import weight_dequant
 from mini_deepseek import DeepSeekV3, ModelConfig
 from mini_deepseek.checkpoint import (
     CheckpointNotice,
@@ -174,14 +173,21 @@ def quantize_fp8(w: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tenso
     return q.to(torch.float8_e4m3fn), scale
 
 
+def dequantize_fp8(q: torch.Tensor, scale_inv: torch.Tensor, block: int) -> torch.Tensor:
+    """The published rule, written out independently of the loader: each code times its block's weight_scale_inv."""
+    out_dim, in_dim = q.shape
+    per_element = scale_inv.repeat_interleave(block, dim=0)[:out_dim].repeat_interleave(block, dim=1)[:, :in_dim]
+    return q.float() * per_element
+
+
 def test_fp8_checkpoint(model, saved, tmp_path):
     tensors = load_file(saved / "model.safetensors")
     block = 32  # a small block so the tiny matrices span several blocks, some of them partial
     fp8 = {}
     for k, t in tensors.items():
         quantized = t.dim() == 2 and k.startswith("model.layers.") and not k.endswith(
-            ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight"))
-        if quantized:  # as published: Linear weights only; embeddings, norms, gate and head stay as they are
+            ("mlp.gate.weight", "embed_tokens.weight", "shared_head.head.weight", "eh_proj.weight"))
+        if quantized:  # as published: Linear weights only; embeddings, norms, gate, head and eh_proj stay as they are
             fp8[k], fp8[k.removesuffix("weight") + "weight_scale_inv"] = quantize_fp8(t, block)
         else:
             fp8[k] = t.to(torch.bfloat16) if k.endswith(".weight") else t
@@ -200,10 +206,12 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     assert "quantization_config" not in loaded.config.extra
     I = model.config.moe_inter_dim
     q, s = fp8["model.layers.2.mlp.experts.5.up_proj.weight"], fp8["model.layers.2.mlp.experts.5.up_proj.weight_scale_inv"]
-    torch.testing.assert_close(loaded.layers[2].mlp.experts.w_gate_up[5, I:], weight_dequant(q, s, block, torch.float32))
+    # float32 codes times float32 scales: one rounding, the same in the loader as here
+    torch.testing.assert_close(loaded.layers[2].mlp.experts.w_gate_up[5, I:], dequantize_fp8(q, s, block),
+                               rtol=0, atol=0)
     q, s = fp8[kv + ".weight"], fp8[kv + ".weight_scale_inv"]
-    torch.testing.assert_close(loaded.layers[1].self_attn.kv_a_proj_with_mqa.weight,
-                               weight_dequant(q, s, block, torch.float32))
+    torch.testing.assert_close(loaded.layers[1].self_attn.kv_a_proj_with_mqa.weight, dequantize_fp8(q, s, block),
+                               rtol=0, atol=0)
     assert loaded.mtp[0].eh_proj.weight.dtype == torch.float32
 
     original = model.layers[1].self_attn.kv_a_proj_with_mqa.weight
@@ -212,7 +220,7 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     # the same logits as the checkpoint dequantized beforehand
     plain = tmp_path / "dequantized"
     plain.mkdir()
-    dequantized = {k: weight_dequant(t, fp8[k + "_scale_inv"], block, torch.float32)
+    dequantized = {k: dequantize_fp8(t, fp8[k + "_scale_inv"], block)
                    if t.dtype == torch.float8_e4m3fn else t for k, t in fp8.items() if not k.endswith("_scale_inv")}
     save_file(dequantized, plain / "model.safetensors", metadata={"format": "pt"})
     (plain / "config.json").write_text((saved / "config.json").read_text())
@@ -230,6 +238,8 @@ def test_fp8_checkpoint(model, saved, tmp_path):
     experts, up = kept.layers[2].mlp.experts, "model.layers.2.mlp.experts.5.up_proj"
     assert torch.equal(experts.w_gate_up[5, I:].view(torch.uint8), fp8[up + ".weight"].view(torch.uint8))
     assert torch.equal(experts.w_gate_up_scale_inv[5, I // block:], fp8[up + ".weight_scale_inv"])
+    eh_proj = kept.mtp[0].eh_proj  # kept in BF16, as stored (and as the published checkpoint stores it)
+    assert type(eh_proj) is torch.nn.Linear and torch.equal(eh_proj.weight, fp8["model.layers.3.eh_proj.weight"])
 
     fp8[kv + ".weight_scale_inv"] = torch.ones(1, 2)
     save_file(fp8, tmp_path / "model.safetensors", metadata={"format": "pt"})

@@ -3,6 +3,7 @@ import json
 import pytest
 
 from mini_deepseek import ModelConfig
+from mini_deepseek.rope import rope_attention_factor
 
 
 @pytest.mark.parametrize("name", ["toy", "small", "v2-lite", "v3"])
@@ -98,3 +99,40 @@ def test_hf_config_round_trip_keeps_the_course_fields():
     assert back.to_dict() == {**cfg.to_dict(), "extra": back.extra}
     with pytest.raises(ValueError, match="unknown fields"):
         ModelConfig.from_hf({**cfg.to_hf(), "mini_deepseek": {"mla_mod": "absorb"}})
+
+
+YARN = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32, "beta_fast": 32.0,
+        "beta_slow": 1.0, "mscale": 1.0, "mscale_all_dim": 0.707}
+
+
+def hf_toy(**changes) -> dict:
+    return {**ModelConfig.preset("toy").to_hf(), "mini_deepseek": {}, **changes}
+
+
+def test_from_hf_honours_or_rejects_every_rope_key():
+    implied = ModelConfig.from_hf(hf_toy(rope_scaling=YARN))
+    factor = rope_attention_factor(implied)
+    assert factor != 1.0  # mscale != mscale_all_dim: cos/sin are scaled
+    # the values our fields imply are accepted ...
+    same = ModelConfig.from_hf(hf_toy(rope_scaling={**YARN, "attention_factor": factor, "truncate": True}))
+    assert same.to_dict() == {**implied.to_dict(), "extra": same.extra}
+    # ... others are named
+    with pytest.raises(ValueError, match="attention_factor = 1.5"):
+        ModelConfig.from_hf(hf_toy(rope_scaling={**YARN, "attention_factor": 1.5}))
+    with pytest.raises(ValueError, match="truncate = False"):
+        ModelConfig.from_hf(hf_toy(rope_scaling={**YARN, "truncate": False}))
+    with pytest.raises(ValueError, match=r"\['low_freq_factor'\]"):
+        ModelConfig.from_hf(hf_toy(rope_scaling={**YARN, "low_freq_factor": 1.0}))
+    with pytest.raises(ValueError, match=r"\['factor'\]"):  # a factor on plain RoPE would be dropped silently
+        ModelConfig.from_hf(hf_toy(rope_parameters={"rope_type": "default", "rope_theta": 1e4, "factor": 2.0}))
+
+
+def test_from_hf_maps_aux_loss_alpha():
+    # DeepSeek's MoEGate: aux_loss_alpha weighs the sequence-wise loss when seq_aux (the published V2/V3 configs)
+    assert ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.001, seq_aux=True)).seq_aux_alpha == 0.001
+    assert ModelConfig.from_hf({k: v for k, v in hf_toy(aux_loss_alpha=0.002).items()
+                                if k != "mini_deepseek"}).seq_aux_alpha == 0.002
+    assert "aux_loss_alpha" not in ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.001)).extra
+    with pytest.raises(ValueError, match="aux_loss_alpha = 0.001 with seq_aux = false"):
+        ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.001, seq_aux=False))
+    assert ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.0, seq_aux=False)).seq_aux_alpha == 0.0001  # no loss asked

@@ -272,3 +272,11 @@ def test_interleaved_dataset_takes_turns():
         expected = (first if step % 2 == 0 else second).get_batch(step // 2, 2, 8)
         assert all(torch.equal(x, y) for x, y in zip(mixed.get_batch(step, 2, 8), expected, strict=True))
     assert len(mixed) == 2
+
+
+def test_batches_depend_on_the_dataset_seed():
+    # Two datasets that differ only in their seed draw different windows at the same step; the same seed, the same.
+    tokens = torch.randint(0, 264, (5000,), generator=torch.Generator().manual_seed(0))
+    batches = {seed: TokenDataset(tokens, seed=seed).get_batch(4, 4, 32)[0] for seed in (0, 1, 2)}
+    assert not torch.equal(batches[0], batches[1]) and not torch.equal(batches[1], batches[2])
+    assert torch.equal(batches[1], TokenDataset(tokens.clone(), seed=1).get_batch(4, 4, 32)[0])

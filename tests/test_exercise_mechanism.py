@@ -117,6 +117,10 @@ def test_grade_prints_a_passing_row_for_every_exercise():
 def test_check_grades_one_exercise_from_any_directory(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)  # a notebook runs from notebooks/, not the repository root
     assert check("rms_norm") is False
-    assert "NotImplementedError: Exercise rms_norm" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("FAIL  rms_norm: 0/5 tests pass (not started)")  # the verdict comes first, on one line
+    assert "NotImplementedError: Exercise rms_norm" in out
     assert check("rms_norm", impl="solutions") is True
-    assert "ex00_basics.rms_norm  5/5" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith("PASS  rms_norm: all 5 tests pass")
+    assert "ex00_basics.rms_norm  5/5" in out

@@ -2,13 +2,14 @@
 against the expert loop, FP8 checkpoints kept in FP8, absorbed MLA over an FP8 kv_b_proj, and what FP8 layers
 refuse to do.
 
-Tests run the kernels' plain-PyTorch backend (the interpreter is slow); one runs the toy preset through the Triton
-kernels, interpreted on a CPU. Models have the library's own initialisation (normal, std 0.02).
+Tests run the kernels' plain-PyTorch backend (the interpreter is slow), except two that run a small model through the
+Triton kernels, interpreted on a CPU. Models have the library's own initialisation (normal, std 0.02).
 """
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 
 import pytest
@@ -77,7 +78,9 @@ def test_quantize_to_fp8_replaces_what_deepseek_quantizes(models):
     _, plain, fp8 = models
     assert isinstance(fp8.lm_head, nn.Linear) and fp8.embed_tokens.weight.dtype == torch.float32
     assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.layers.modules())
-    assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.mtp.modules())
+    # the MTP module as published: its eh_proj stays in high precision, its block is FP8
+    assert all(isinstance(m.eh_proj, nn.Linear) and m.eh_proj.weight.dtype == torch.float32 for m in fp8.mtp)
+    assert not any(isinstance(m, (nn.Linear, RoutedExperts)) for m in fp8.mtp.modules() if m is not fp8.mtp[0].eh_proj)
     attn = fp8.layers[0].self_attn
     assert isinstance(attn.kv_b_proj, FP8Linear) and attn.kv_b_proj.weight.dtype == FP8
     out_features, in_features = plain.layers[0].self_attn.kv_b_proj.weight.shape  # toy: 256 x 64
@@ -91,22 +94,26 @@ def test_quantize_to_fp8_replaces_what_deepseek_quantizes(models):
 
 
 def test_fp8_linear_error_is_fp8_rounding():
-    # E4M3 keeps 3 mantissa bits: a relative rounding error up to 2^-4 per operand, about 2.5% rms for normal
-    # data; weight and activation together give about 3.6%.
+    # E4M3 keeps 3 mantissa bits: a value with mantissa m in [1, 2) sits on a grid of steps 2^-3 / m of it, and
+    # rounding to the nearest step leaves an error of rms step / sqrt(12); averaged over log-uniform mantissas that
+    # is sqrt(2^-6 / 12 * 0.541) = 2.65% of the value, per operand. Weight and activation are rounded independently:
+    # sqrt(2) * 2.65% = 3.75% for the product. Measured over seeds 0-5: 3.5-3.7%, and 2.5-2.6% when only the
+    # weight (or only the activation) is quantized, which the lower bound tells apart.
     torch.manual_seed(0)
     linear = nn.Linear(300, 200, bias=False)  # partial blocks on both sides
     x = torch.randn(4, 5, 300)
     with torch.no_grad():
         error = relative_error(FP8Linear.from_linear(linear)(x), linear(x))
-    assert 0.02 < error < 0.05
+    assert 0.032 < error < 0.042, error
 
 
-# Measured (seed 0, 2 x 48 tokens): toy 8.5%, small 12.8% relative error of the logits, top-1 agreement 94%, 91%.
-# Each FP8 GEMM adds ~3.6% noise, and the near-tied routing scores of a random model then send some tokens to other
-# experts (toy: 1-9% of the tokens per MoE layer, small: 10-25%). The bounds leave a margin for other seeds.
-# Trained for 150 steps on arithmetic text, the same presets give 1.3% and 1.2%, top-1 agreement 98.8% and 98.6%,
-# and a validation loss within 0.1% of the plain model's.
-BOUNDS = {"toy": (0.15, 0.85), "small": (0.2, 0.7)}
+# (lowest relative error, highest, lowest top-1 agreement) of the FP8 logits against the plain model's, 2 x 48 tokens.
+# Seed 0 gives toy 8.5% and 93.8%, small 12.6% and 92.7%. The error is the E4M3 noise of every GEMM (3.6% each, see
+# above) compounded through the layers of a random model, not mainly its routing: with every expert active, so that
+# no routing decision can flip, the same presets give 8.0% and 10.6%. Other models differ: seeds 0-4 give toy
+# 7.0-10.1% and 88.5-93.8%, small 12.6-14.5% and 75-93%, which the bounds cover with a little room. Trained for 150
+# steps on arithmetic text, the same presets give 1.3% and 1.2%, top-1 agreement 98.8% and 98.6%.
+BOUNDS = {"toy": (0.06, 0.11, 0.86), "small": (0.11, 0.16, 0.72)}
 
 
 def test_fp8_forward_close_to_plain(models):
@@ -117,25 +124,35 @@ def test_fp8_forward_close_to_plain(models):
     error, agree = relative_error(out, ref), (out.argmax(-1) == ref.argmax(-1)).float().mean().item()
     print(f"{name}: FP8 vs plain logits: relative error {error:.3f}, max abs {(out - ref).abs().max():.3f} "
           f"(logits std {ref.std():.3f}), top-1 agreement {agree:.1%}")
-    max_error, min_agree = BOUNDS[name]
-    assert error < max_error and agree > min_agree
+    min_error, max_error, min_agree = BOUNDS[name]
+    assert min_error < error < max_error and agree > min_agree
 
 
-# --- fused_moe --------------------------------------------------------------------------------------------------------
-def test_fused_moe_equals_the_expert_loop_and_training_takes_the_loop(models, monkeypatch):
-    _, plain, _ = models
+# --- fused_moe and the FP8 kernels, interpreted ---------------------------------------------------------------------
+# Small shapes (the interpreter is slow), but more than one 128-wide K step in every kernel GEMM: dim 256 and
+# moe_inter_dim 192, whose gate and up rows also share a 128-row block of w_gate_up's scales.
+SEVERAL_K_STEPS = dict(dim=256, inter_dim=384, moe_inter_dim=192, n_layers=2, n_dense_layers=1, n_routed_experts=4,
+                       n_activated_experts=2, n_expert_groups=1, n_limited_groups=1, n_mtp_modules=0, max_seq_len=16)
+interpreted = pytest.mark.skipif(importlib.util.find_spec("triton") is None or torch.cuda.is_available(),
+                                 reason="needs Triton's interpreter (Triton installed, no GPU)")
+
+
+@interpreted
+def test_fused_moe_equals_the_expert_loop_and_training_takes_the_loop(monkeypatch):
+    plain = preset_model("toy", **SEVERAL_K_STEPS)
     calls = []
     fused_moe = kernels.fused_moe
     monkeypatch.setattr(kernels, "fused_moe", lambda *a, **k: calls.append(1) or fused_moe(*a, **k))
-    x = ids()
+    x = ids(1, 12)
     with torch.no_grad():
         set_kernels("off")
         loop = plain(x)
         assert not calls
+        kernels.set_backend("triton")  # interpreted: the kernel itself, not kernels.reference
         set_kernels("on")
         fused = plain(x)
     assert len(calls) == sum(isinstance(m, RoutedExperts) for m in plain.layers.modules())
-    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)  # float32 summation order only
 
     # The kernel has no autograd: with gradients wanted the loop runs, and the experts get their gradients.
     calls.clear()
@@ -145,21 +162,45 @@ def test_fused_moe_equals_the_expert_loop_and_training_takes_the_loop(models, mo
     assert not calls and model.layers[1].mlp.experts.w_gate_up.grad.abs().sum() > 0
 
 
-def test_interpreted_triton_kernels_on_the_toy_preset():
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present: the kernels compile (test_compiled_kernels_on_the_gpu)")
-    plain = preset_model("toy")
-    fp8 = quantize_to_fp8(copy.deepcopy(plain))
-    x = ids(1, 16)
+@interpreted
+def test_interpreted_triton_kernels_on_a_model_with_several_k_steps(monkeypatch):
+    """Every FP8 kernel call of a forward pass against kernels.reference on the very same inputs. The reference's
+    result is what the model carries on with, so each call sees the model's real activations, and an E4M3 rounding
+    tie that float32 sums in another order cross in one layer (one element then moves by 1/8 of itself, which moved
+    the logits of this random model by up to 1.6e-2 when simulated) cannot spread to the next."""
+    fp8 = quantize_to_fp8(preset_model("toy", **SEVERAL_K_STEPS))
+    kernels.set_backend("triton")  # interpreted
+    set_kernels("on")
+    calls = {name: 0 for name in ("act_quant", "fp8_gemm", "fused_moe")}
+
+    def compared(name: str):
+        kernel, reference = getattr(kernels, name), getattr(kernels.reference, name)
+
+        def run_both(*args, **kwargs):
+            out, ref = kernel(*args, **kwargs), reference(*args, **kwargs)
+            calls[name] += 1
+            if name == "act_quant":  # bit for bit
+                assert torch.equal(out[0].view(torch.uint8), ref[0].view(torch.uint8)) and torch.equal(out[1], ref[1])
+                return ref
+            # float32 sums in another order: a few units in the last place (the kernel tests measure at most 8e-7
+            # of the largest output); in fused_moe, besides, a SwiGLU output on an E4M3 tie can round the other way and
+            # move its token by up to a few percent (see check_moe in tests/kernels/test_fused_moe.py): one token in
+            # 8 (at least one) may. A wrong scale or a skipped quantization step moves every token.
+            err, largest = (out.float() - ref.float()).abs(), ref.float().abs().max()
+            tokens_off = (err > 1e-5 * largest).reshape(-1, err.shape[-1]).any(dim=1)
+            allowed = max(1, len(tokens_off) // 8) if name == "fused_moe" else 0
+            assert tokens_off.sum() <= allowed and (err <= 2**-4 * largest).all(), (
+                f"{name}: {int(tokens_off.sum())} tokens off, largest error {(err / largest).max():.2e}")
+            return ref
+
+        monkeypatch.setattr(kernels, name, run_both)
+
+    for name in calls:
+        compared(name)
     with torch.no_grad():
-        set_kernels("off")
-        ref_plain, ref_fp8 = plain(x), fp8(x)
-        kernels.set_backend("triton")  # interpreted
-        set_kernels("on")
-        out_plain, out_fp8 = plain(x), fp8(x)
-    torch.testing.assert_close(out_plain, ref_plain, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out_fp8, ref_fp8, rtol=1e-4, atol=1e-4)  # float32 summation order only
+        fp8(ids(1, 12))
+    linears = sum(isinstance(m, FP8Linear) for m in fp8.modules())  # 16: attention, dense MLP, shared expert
+    assert calls == {"act_quant": linears, "fp8_gemm": linears, "fused_moe": 1}, calls
 
 
 def test_every_path_runs_with_the_plain_pytorch_backend():
@@ -181,7 +222,7 @@ def test_auto_switch_keeps_fp8_off_gpus_without_fp8(monkeypatch):
     from mini_deepseek import kernel_switch
 
     on_gpu = SimpleNamespace(is_cuda=True, device="cuda:0")  # all the switch reads of a tensor
-    monkeypatch.setattr(kernels, "backend", lambda: "triton")
+    monkeypatch.setattr(kernels, "_backend", "triton")  # compiled Triton, as on a machine with CUDA
     for capability, fp8_expected in [((8, 0), False), ((9, 0), True)]:  # A100, H100/H200
         monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device, c=capability: c)
         assert kernel_switch.use_kernels(on_gpu) is True
@@ -250,7 +291,7 @@ def test_fp8_checkpoint_round_trip(models, tmp_path):
         assert torch.equal(loaded(x), fp8(x))
         dequantized = from_pretrained(tmp_path)  # the default: dequantized on load, as close to plain as FP8 is
         assert dequantized.layers[0].self_attn.kv_b_proj.weight.dtype == torch.float32
-        assert relative_error(dequantized(x), plain(x)) < BOUNDS[name][0]
+        assert relative_error(dequantized(x), plain(x)) < BOUNDS[name][1]  # weights rounded, activations not
 
 
 def test_plain_checkpoint_loads_quantized(tmp_path):

@@ -112,7 +112,7 @@ def test_config_fields_from_transformers():
     assert ModelConfig.from_hf(hf_config().to_dict()).rope_factor == 1.0
 
 
-def test_our_checkpoint_loads_in_transformers(tmp_path):
+def our_model_with_mtp() -> DeepSeekV3:
     cfg = ModelConfig(vocab_size=VOCAB, dim=64, n_layers=3, n_dense_layers=1, inter_dim=96, moe_inter_dim=32, n_heads=4,
                       max_seq_len=128, q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8,
                       v_head_dim=16, n_routed_experts=8, n_shared_experts=1, n_activated_experts=2, n_expert_groups=2,
@@ -121,12 +121,55 @@ def test_our_checkpoint_loads_in_transformers(tmp_path):
     torch.manual_seed(0)
     ours = DeepSeekV3(cfg).eval()
     randomize_(ours)
+    return ours
+
+
+def test_our_checkpoint_loads_in_transformers(tmp_path):
+    ours = our_model_with_mtp()
     save_pretrained(ours, tmp_path, max_shard_size="200KB")
     theirs = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()  # it ignores our MTP layer (model.layers.3)
     assert theirs.config.num_key_value_heads == 4
     x = input_ids()
     with torch.no_grad():
         torch.testing.assert_close(ours(x), theirs(x).logits, **TOL)
+
+
+def test_mtp_layer_of_a_checkpoint_matches_transformers_modules(tmp_path):
+    """transformers runs no MTP, but its modules rebuild ours from a checkpoint holding an MTP layer: h^0 is its
+    model's last hidden state (after model.norm, what vLLM feeds the published MTP weights), the MTP block is its
+    decoder layer built at index num_hidden_layers from model.layers.3.*, and enorm, hnorm, eh_proj, shared_head
+    and the embedding copy are read from the file as the published layout stores them."""
+    from safetensors.torch import load_file
+    from transformers.masking_utils import create_causal_mask
+
+    save_pretrained(our_model_with_mtp(), tmp_path)
+    ours = from_pretrained(tmp_path)  # loads the MTP layer from model.layers.3
+    x = input_ids()
+    n = x.shape[1] - 1
+    main = DeepseekV3ForCausalLM.from_pretrained(tmp_path).eval()
+    four = DeepseekV3ForCausalLM.from_pretrained(tmp_path, num_hidden_layers=4).eval()  # + the MTP block as layer 3
+    block = four.model.layers[3]
+    tensors = load_file(tmp_path / "model.safetensors")
+
+    def mtp(name: str) -> torch.Tensor:
+        return tensors[f"model.layers.3.{name}"]
+
+    def rms(t: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return t * torch.rsqrt(t.pow(2).mean(-1, keepdim=True) + main.config.rms_norm_eps) * weight
+
+    with torch.no_grad():
+        h0 = main.model(x).last_hidden_state  # [B, T, dim], after the final norm
+        emb = torch.nn.functional.embedding(x[:, 1:], mtp("embed_tokens.weight"))
+        mixed = torch.cat([rms(emb, mtp("enorm.weight")), rms(h0[:, :n], mtp("hnorm.weight"))], dim=-1) \
+            @ mtp("eh_proj.weight").T
+        positions = torch.arange(n)[None]
+        mask = create_causal_mask(config=four.config, inputs_embeds=mixed, attention_mask=None, past_key_values=None,
+                                  position_ids=positions)
+        h1 = block(mixed, attention_mask=mask, position_ids=positions,
+                   position_embeddings=main.model.rotary_emb(mixed, positions))
+        expected = rms(h1, mtp("shared_head.norm.weight")) @ mtp("shared_head.head.weight").T
+        _, (got,) = ours(x, return_mtp=True)
+    torch.testing.assert_close(got, expected, **TOL)
 
 
 def test_greedy_generation_matches_transformers(tmp_path):

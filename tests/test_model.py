@@ -4,8 +4,10 @@ import math
 import pytest
 import torch
 
+import kernels
 from mini_deepseek import DeepSeekV3, ModelConfig
-from mini_deepseek.moe import Gate
+from mini_deepseek.block import Block
+from mini_deepseek.moe import Gate, RoutedExperts
 from mini_deepseek.rope import apply_rotary_emb, precompute_freqs_cis, rope_inv_freq, yarn_ramp_range
 
 TINY = dict(dim=64, n_layers=3, n_dense_layers=1, inter_dim=128, moe_inter_dim=32, n_heads=4, max_seq_len=64,
@@ -50,6 +52,24 @@ def test_cached_chunks_equal_full_forward(variant, mode):
     assert torch.allclose(torch.cat(pieces, dim=1), full, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("variant", ["mla", "mla-noq", "mla-yarn"])
+def test_later_start_without_cache_stays_causal_and_absorbed_equals_naive(variant):
+    """No cache and start_pos > 0 (recomputing a window that starts later): queries and keys are the same T
+    positions, so the mask is the plain causal one in both MLA modes (one rule: the offset is S - T = 0)."""
+    model = tiny_model(**VARIANTS[variant])
+    x = ids(T=12)
+    y = x.clone()
+    y[:, 5] = (y[:, 5] + 1) % 264
+    out = {}
+    for mode in ("naive", "absorb"):
+        model.set_mla_mode(mode)
+        out[mode], out[mode + "-changed"] = model(x, start_pos=20), model(y, start_pos=20)
+    assert torch.allclose(out["naive"], out["absorb"], atol=1e-5, rtol=0), (out["naive"] - out["absorb"]).abs().max()
+    for mode in ("naive", "absorb"):  # changing token 5 changes nothing before it
+        assert torch.allclose(out[mode][:, :5], out[mode + "-changed"][:, :5], atol=1e-5, rtol=0), mode
+        assert not torch.allclose(out[mode][:, 5], out[mode + "-changed"][:, 5], atol=1e-5, rtol=0), mode
+
+
 @pytest.mark.parametrize("variant, mode", [("mla", "naive"), ("mla", "absorb"), ("mla-yarn", "absorb"), ("gqa", "naive")])
 def test_generate_with_cache_gives_the_same_tokens(variant, mode):
     model = tiny_model(mla_mode=mode, **VARIANTS[variant])
@@ -92,6 +112,73 @@ def test_loss_combines_lm_mtp_and_balance_terms():
     assert all(p.grad is not None for p in model.parameters())
     assert all(g.balance_loss is None for g in model.gates())  # no graph kept alive: the model deep-copies
     copy.deepcopy(model)
+
+
+def test_targets_of_minus_100_are_ignored_everywhere():
+    """A batch whose last 4 targets are -100 gives the loss, every part of it and the routing load of the same batch
+    cut before them (positions are causal): the balance loss and the load count no masked position."""
+    model = tiny_model(n_mtp_modules=2, seq_aux_alpha=0.1).train()
+    x = ids(T=16)
+    y = x.roll(-1, dims=1)
+    masked = y.clone()
+    masked[:, -4:] = -100
+    loss, parts = model.loss(x, masked)
+    loads = model.expert_load()
+    cut_loss, cut_parts = model.loss(x[:, :-4], y[:, :-4])
+    assert parts.keys() == cut_parts.keys() == {"lm", "mtp", "balance"}
+    for key in parts:
+        assert parts[key] == pytest.approx(cut_parts[key], rel=1e-5), key
+    assert loss.item() == pytest.approx(cut_loss.item(), rel=1e-5)
+    assert torch.equal(loads, model.expert_load())
+
+
+def test_mtp_depth_without_targets_adds_nothing():
+    model = tiny_model(n_mtp_modules=2).train()
+    x = ids(T=8)
+    targets = torch.full_like(x, -100)
+    targets[:, :2] = x[:, 1:3]  # depth 1 reads targets[:, 1:] (one left), depth 2 targets[:, 2:] (none)
+    loss, parts = model.loss(x, targets)
+    assert math.isfinite(loss.item()) and math.isfinite(parts["mtp"])
+    logits, mtp = model(x, return_mtp=True)
+    depth1 = torch.nn.functional.cross_entropy(mtp[0][:, 0], targets[:, 1])  # the only MTP target
+    assert parts["mtp"] == pytest.approx(depth1.item(), rel=1e-5)
+    loss.backward()
+    with pytest.raises(ValueError, match="-100"):
+        model.loss(x, torch.full_like(x, -100))
+
+
+def test_one_token_sequences_with_mtp():
+    model = tiny_model(n_mtp_modules=2).train()
+    x = ids(T=1)
+    loss, parts = model.loss(x, x)
+    assert "mtp" not in parts and math.isfinite(loss.item())  # no MTP position at all: no MTP term
+    loss.backward()
+    logits, mtp = model(x, return_mtp=True)
+    assert logits.shape == (2, 1, 264) and [m.shape for m in mtp] == [(2, 0, 264), (2, 0, 264)]
+    _, mtp = model(ids(T=2), return_mtp=True)
+    assert [m.shape for m in mtp] == [(2, 1, 264), (2, 0, 264)]
+
+
+def test_mtp_reads_the_normalized_main_output_and_chains_through_the_head_norm():
+    """h^0 is the main model's output after its final norm (what vLLM feeds the published MTP weights); depth k
+    passes on shared_head.norm(TRM_k(.)), the state the shared head reads (mtp.py)."""
+    model = tiny_model(n_mtp_modules=2)
+    with torch.no_grad():  # distinct norm weights, so that "which norm" matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1 + 0.5 * torch.randn_like(p))
+    x = ids(T=10)
+    _, mtp = model(x, return_mtp=True)
+    freqs = model.freqs_cis[:10]
+    h = model.embed_tokens(x)
+    for layer in model.layers:
+        h = layer(h, freqs)
+    h = model.norm(h)  # h^0
+    for k, module in enumerate(model.mtp, start=1):
+        n = 10 - k
+        mixed = module.eh_proj(torch.cat([module.enorm(model.embed_tokens(x[:, k:])), module.hnorm(h[:, :n])], -1))
+        h = module.shared_head.norm(Block.forward(module, mixed, freqs[:n]))  # h^k
+        torch.testing.assert_close(mtp[k - 1], model.lm_head(h).float())
 
 
 def test_training_a_few_steps_learns_a_repeated_sequence():
@@ -179,6 +266,26 @@ def test_bias_update_moves_towards_balance():
     assert gate.e_score_correction_bias[7] == pytest.approx(-0.01)
 
 
+@pytest.mark.parametrize("cast", ["to-bfloat16", "to-dtype", "half", "bfloat16"])
+def test_routing_bias_stays_float32_when_the_model_is_cast(cast):
+    model = tiny_model(bias_update_speed=0.001)
+    {"to-bfloat16": lambda: model.to(torch.bfloat16), "to-dtype": lambda: model.to(dtype=torch.bfloat16),
+     "half": model.half, "bfloat16": model.bfloat16}[cast]()
+    gate = model.gates()[0]
+    assert model.embed_tokens.weight.dtype != torch.float32 and gate.weight.dtype != torch.float32
+    assert all(g.e_score_correction_bias.dtype == torch.float32 for g in model.gates())
+    # both directions of an update of gamma = 0.001 survive around 0.5 (bfloat16 would drop +gamma, double -gamma)
+    gate.e_score_correction_bias.fill_(0.5)
+    gate.last_load = torch.tensor([0.0, 0, 0, 0, 10, 10, 10, 10])  # mean 5: experts 0-3 under, 4-7 over
+    model.update_routing_bias()
+    assert torch.allclose(gate.e_score_correction_bias, torch.tensor([0.501] * 4 + [0.499] * 4), atol=1e-6, rtol=0)
+    # routing adds the bias in float32: biases 2e-4 apart (all 0.5 in bfloat16) still decide the top-2
+    torch.nn.init.zeros_(gate.weight)  # every affinity sigmoid(0) = 0.5
+    gate.e_score_correction_bias.copy_(0.5 + 2e-4 * torch.arange(8))
+    _, indices = gate(torch.randn(4, 64, dtype=gate.weight.dtype), seq_len=4)
+    assert indices.sort(dim=1).values.tolist() == [[6, 7]] * 4
+
+
 def test_sequence_balance_loss_matches_the_formula():
     gate = make_gate(n_expert_groups=1, n_limited_groups=1, seq_aux_alpha=0.1).train()
     x = torch.randn(2 * 5, 64)
@@ -196,9 +303,68 @@ def test_sequence_balance_loss_matches_the_formula():
     assert gate.balance_loss is None
 
 
+def test_sequence_balance_indicator_is_topk_of_the_unbiased_affinities():
+    """Eq. 18 of the V3 report: 1(s_{i,t} in TopK(s_t)) of the unbiased affinities, not the biased routing choice."""
+    gate = make_gate(seq_aux_alpha=0.1).train()  # 4 groups of 2, top-2 groups
+    gate.e_score_correction_bias.copy_(torch.tensor([0.0, 0, 0, 0, 0, 0, 1, 1]))  # routing always picks 6 and 7
+    x = torch.randn(2 * 5, 64)
+    _, indices = gate(x, seq_len=5)
+    assert (indices.sort(dim=1).values == torch.tensor([6, 7])).all()
+    s = torch.sigmoid(x @ gate.weight.T).view(2, 5, 8)
+    expected = 0.0
+    for b in range(2):
+        p = (s[b] / s[b].sum(-1, keepdim=True)).mean(0)
+        counts = torch.bincount(s[b].topk(2, dim=-1).indices.flatten(), minlength=8).float()
+        expected += 0.1 * (counts * 8 / (2 * 5) * p).sum() / 2
+    assert gate.balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_sequence_balance_loss_counts_only_the_counted_tokens():
+    gate = make_gate(n_expert_groups=1, n_limited_groups=1, seq_aux_alpha=0.1).train()
+    x = torch.randn(3 * 6, 64)
+    counted = torch.ones(3, 6, dtype=torch.bool)
+    counted[0, 4:] = False  # sequence 0: its first 4 tokens count
+    counted[2] = False  # sequence 2: none, so it adds nothing to the mean over sequences
+    gate(x, seq_len=6, counted=counted.flatten())
+    masked_loss, masked_load = gate.balance_loss, gate.last_load
+    parts = []
+    for rows in (x[:4], x[6:12]):  # the counted tokens of sequences 0 and 1, one sequence each
+        _, indices = gate(rows, seq_len=len(rows))
+        parts.append((gate.balance_loss, torch.bincount(indices.flatten(), minlength=8).float()))
+    assert masked_loss.item() == pytest.approx((parts[0][0] + parts[1][0]).item() / 2, rel=1e-5)
+    assert torch.equal(masked_load, parts[0][1] + parts[1][1])
+    gate(x, seq_len=6, counted=torch.zeros(18, dtype=torch.bool))
+    assert gate.balance_loss is None and gate.last_load.sum() == 0
+
+
 def test_softmax_gate_has_no_bias():
     gate = make_gate(score_func="softmax", n_expert_groups=1, n_limited_groups=1)
     assert gate.e_score_correction_bias is None and "e_score_correction_bias" not in gate.state_dict()
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_expert_loop_equals_the_kernels_reference_gradients_included(dtype, tol):
+    """moe.py's loop over experts (the training path) against kernels.reference.fused_moe (the kernels' spec)."""
+    torch.manual_seed(0)
+    experts = RoutedExperts(8, 32, 16)
+    torch.nn.init.normal_(experts.w_gate_up, std=0.3)
+    torch.nn.init.normal_(experts.w_down, std=0.3)
+    experts = experts.to(dtype)
+    x = torch.randn(40, 32, dtype=dtype, requires_grad=True)
+    weights = torch.rand(40, 2, dtype=dtype, requires_grad=True)
+    indices = torch.randn(40, 7).topk(2).indices  # expert 7 gets no token
+    grad_out = torch.randn(40, 32, dtype=dtype)
+    results = []
+    for run in (lambda: experts(x, weights, indices),
+                lambda: kernels.reference.fused_moe(x, experts.w_gate_up, experts.w_down, weights, indices,
+                                                    compute_dtype=dtype)):
+        inputs = [x, weights, experts.w_gate_up, experts.w_down]
+        y = run()
+        results.append([y, *torch.autograd.grad(y, inputs, grad_out)])
+    for name, ours, reference in zip(["y", "x", "weights", "w_gate_up", "w_down"], *results, strict=True):
+        assert ours.dtype == reference.dtype == dtype, name
+        torch.testing.assert_close(ours.float(), reference.float(), atol=tol, rtol=tol, msg=name)
+    assert results[0][3][7].abs().max() == 0  # the unused expert gets a zero gradient
 
 
 # --- RoPE and YaRN ----------------------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ The committed .ipynb files keep their full-mode outputs: the notebooks are execu
 """
 
 import pathlib
+import re
 import time
 
 import nbclient
@@ -38,3 +39,18 @@ def test_committed_notebooks_carry_full_mode_outputs():
         text = "".join(str(o.get("text", "")) for c in code for o in c.get("outputs", []))
         # mini_deepseek.notebook.setup() prints the mode in every notebook's first cell
         assert "mode: full" in text and "mode: quick" not in text, f"{path.name} does not hold full-mode outputs"
+
+
+def test_committed_outputs_read_without_widget_rendering():
+    """What a reader sees on a page that renders no widgets: text/plain of every output. No bare True/False
+    echoed by a cell, no widget repr such as HBox(...) or Output(), no progress bar frozen at 0%."""
+    for path in NOTEBOOKS:
+        notebook = nbformat.read(path, as_version=4)
+        for index, cell in enumerate(notebook.cells):
+            for output in cell.get("outputs", []):
+                text = str(output.get("data", {}).get("text/plain", ""))
+                where = f"{path.name}, cell {index}"
+                if output.get("output_type") == "execute_result":
+                    assert text not in ("True", "False"), f"{where} echoes {text}: end the line with ';'"
+                assert not re.match(r"(HBox|VBox|Output|IntProgress|FloatProgress)\(", text), f"{where}: {text[:60]}"
+                assert not re.search(r"\b0%\|", text), f"{where}: a progress bar frozen at 0%: {text[:80]}"

@@ -171,3 +171,13 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         load_checkpoint(tmp_path, model)
     assert latest_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_training_updates_the_routing_bias(dataset):
+    # One step: every gate (the MTP module's too) moves each bias by exactly gamma * sign(mean load - load) of the
+    # step's own batch, which is still the gate's last_load since nothing ran after it.
+    model = tiny_model()
+    train(model, dataset, tiny_config(steps=1, eval_every=0))
+    for gate in model.gates():
+        expected = TINY["bias_update_speed"] * torch.sign(gate.last_load.mean() - gate.last_load)
+        assert expected.abs().sum() > 0 and torch.equal(gate.e_score_correction_bias, expected)

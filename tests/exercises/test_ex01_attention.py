@@ -117,7 +117,7 @@ def test_repeat_kv_matches_repeat_interleave(exercise, hk, n_rep):
 @pytest.mark.exercise("repeat_kv")
 def test_repeat_kv_gives_the_library_grouped_attention(exercise):
     q, k, v = torch.randn(2, 8, 6, 16), torch.randn(2, 2, 6, 16), torch.randn(2, 2, 6, 16)
-    grouped = attend(q, k, v, 0, 0.25)  # the library's GQA: torch's SDPA with enable_gqa
+    grouped = attend(q, k, v, 0.25)  # the library's GQA: torch's SDPA with enable_gqa
     expanded = torch.nn.functional.scaled_dot_product_attention(q, exercise(k, 4), exercise(v, 4), is_causal=True,
                                                                 scale=0.25)
     assert_close(expanded, grouped)
@@ -149,7 +149,7 @@ def test_gqa_matches_library_attend(exercise, hq, hk, t, s):
     q, k, v = torch.randn(2, hq, t, 16), torch.randn(2, hk, s, 16), torch.randn(2, hk, s, 12)
     out = exercise(q, k, v, 16**-0.5)
     assert out.shape == (2, hq, t, 12)
-    assert_close(out, attend(q, k, v, s - t, 16**-0.5))
+    assert_close(out, attend(q, k, v, 16**-0.5))
 
 
 @pytest.mark.exercise("grouped_query_attention")
@@ -157,7 +157,7 @@ def test_gqa_keeps_dtype(exercise):
     q, k, v = (torch.randn(1, 4, 6, 8).bfloat16() for _ in range(3))
     out = exercise(q, k[:, :2], v[:, :2], 8**-0.5)
     assert out.dtype == torch.bfloat16
-    assert_close(out.float(), attend(q.float(), k[:, :2].float(), v[:, :2].float(), 0, 8**-0.5), atol=2e-2, rtol=2e-2)
+    assert_close(out.float(), attend(q.float(), k[:, :2].float(), v[:, :2].float(), 8**-0.5), atol=2e-2, rtol=2e-2)
 
 
 # --- mla_keys_values -----------------------------------------------------------------------------------------------
@@ -233,17 +233,20 @@ def test_mla_absorbed_equals_naive_attention(exercise, overrides):
 
 
 @pytest.mark.exercise("mla_absorbed_attention")
-def test_mla_absorbed_decode_step_matches_the_library(exercise):
+def test_mla_absorbed_after_a_cached_prefix_matches_the_library(exercise):
+    # T new queries after S - T cached positions: query t sits at position S - T + t, so the causal mask is aligned
+    # to the bottom-right corner of the [T, S] scores. T == 1 (decoding) and T == S alone cannot tell that from a
+    # mask aligned top-left; T = 3 after 6 cached tokens can.
     layer = mla_layer()
     layer.mode = "absorb"
-    B, S = 1, 12
-    x = torch.randn(B, S, layer.kv_a_proj_with_mqa.in_features)
-    freqs = precompute_freqs_cis(ModelConfig.preset("toy"), seq_len=S)
-    cache = layer.new_cache(B, S, torch.float32)
-    with torch.no_grad():
-        layer(x[:, :-1], freqs[:-1], 0, cache)  # prefill S - 1 tokens
-        expected = layer(x[:, -1:], freqs[-1:], S - 1, cache)  # decode the last one
-        q_nope, q_pe = mla_queries(layer, x[:, -1:], freqs[-1:])
-        out = exercise(q_nope, q_pe, cache["latent"][:, 0], layer.kv_b_proj.weight, layer.softmax_scale)
-    assert out.shape == (B, 1, layer.n_heads, layer.v_dim)
-    assert_close(layer.o_proj(out.reshape(B, 1, -1)), expected, atol=1e-5, rtol=1e-4)
+    for T, S in [(1, 12), (3, 9), (5, 12), (8, 9)]:
+        x = torch.randn(1, S, layer.kv_a_proj_with_mqa.in_features)
+        freqs = precompute_freqs_cis(ModelConfig.preset("toy"), seq_len=S)
+        cache = layer.new_cache(1, S, torch.float32)
+        with torch.no_grad():
+            layer(x[:, :S - T], freqs[:S - T], 0, cache)  # prefill S - T tokens
+            expected = layer(x[:, S - T:], freqs[S - T:], S - T, cache)  # then the last T at once
+            q_nope, q_pe = mla_queries(layer, x[:, S - T:], freqs[S - T:])
+            out = exercise(q_nope, q_pe, cache["latent"][:, 0], layer.kv_b_proj.weight, layer.softmax_scale)
+        assert out.shape == (1, T, layer.n_heads, layer.v_dim)
+        assert_close(layer.o_proj(out.reshape(1, T, -1)), expected, atol=1e-5, rtol=1e-4, msg=f"T = {T}, S = {S}")

@@ -15,6 +15,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The interpreted kernels and the per-token oracles run many tiny ops, which gain nothing from threads; on a
+    busy machine, waiting for a second thread made them 10-30x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(params=["active", "torch"])
 def each_backend(request):
     """The backend this machine runs (interpreter, compiled or torch), then the plain-PyTorch one."""

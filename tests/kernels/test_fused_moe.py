@@ -1,4 +1,5 @@
-"""Fused MoE: the align step's invariants, plain and FP8 kernels against the per-expert loop, edge cases."""
+"""Fused MoE: the align step's invariants, the plain and FP8 kernels and their reference loop against a per-token
+oracle, edge cases, errors."""
 
 import math
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from kernel_helpers import FEW, randn
+from kernel_helpers import FEW, moe_per_token, randn
 
 import kernels
 from kernels import reference as R
@@ -30,12 +31,38 @@ def quantized(w1: torch.Tensor, w2: torch.Tensor) -> dict:
     return dict(w1=w1_q, w2=w2_q, w1_scale=w1_s, w2_scale=w2_s)
 
 
-def check_close(y: torch.Tensor, ref: torch.Tensor, fp8: bool = False) -> None:
-    # float32: summation order only. bf16: the kernel also rounds each slot's output to bf16 before the sum
-    # over k, a few roundings of 2^-9 relative. FP8: the SwiGLU output is quantized, and a last-bit
-    # difference in it can move an element to the neighbouring E4M3 code (up to 1/8 of its value).
-    tol = 2e-2 if fp8 or y.dtype != torch.float32 else 1e-5
-    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol * ref.abs().max().item())
+def check_moe(y: torch.Tensor, x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
+              topk_ids: torch.Tensor, w1_scale: torch.Tensor | None = None,
+              w2_scale: torch.Tensor | None = None) -> None:
+    """y, from kernels.fused_moe or kernels.reference.fused_moe, against the float64 per-token oracle, within what
+    the arithmetic explains. Measured: the interpreted kernel and the reference on 120 random cases (T 1-33,
+    E 1-6, k 1-4, H 128-256, I 64-192, float32 and bf16), errors as a fraction of the largest output |y|max:
+
+    - float32: float32 rounding and summation order only, about sqrt(K) * 2^-24 of the terms summed (K <= 256):
+      1e-5 of |y|max (measured: at most 7.9e-7).
+    - bfloat16: SwiGLU's output h is rounded to bf16 in both, but from float32 sums in another order it can round to
+      the neighbouring bf16 value, one unit in the last place (<= 2^-7 of it); the kernel also rounds each slot's
+      output to bf16 before the sum over k, and the sum, half a unit each (<= 2^-8). So, per element,
+      (2^-7 + 2^-8) * sum_j |w_j| (|W2| |h_j|) + 2^-8 |y| on top (measured: at most 0.27 of that bound).
+    - FP8: the same, except on a token whose SwiGLU output sat on an E4M3 rounding tie, which the last-bit
+      differences above can push to the neighbouring code, 1/8 of that element away: that token's output moves
+      by up to a few percent. Measured: 3 of 2300 float32 tokens, by up to 4.4e-4 of |y|max; an earlier run of
+      the kernel against the reference on 150 cases of 16-33 tokens found 19 of about 3700, by up to 1.4e-2.
+      So one token in 8 (at least one) may miss the bound, by no more than 2^-4 of |y|max. A missing or misplaced
+      quantization step moves every token, by 1-3% of its output: the float32 cases catch it.
+    """
+    ref, abs_terms = moe_per_token(x, w1, w2, topk_weights, topk_ids, w1_scale, w2_scale)
+    assert y.shape == ref.shape and y.dtype == x.dtype
+    largest = ref.abs().max()
+    err = (y.double() - ref).abs()
+    bound = 1e-5 * largest
+    if y.dtype == torch.bfloat16:
+        bound = bound + (2**-7 + 2**-8) * abs_terms + 2**-8 * ref.abs()
+    off = (err > bound).any(dim=1)  # [T] tokens beyond the bound
+    allowed = max(1, len(off) // 8) if w1_scale is not None else 0
+    assert off.sum() <= allowed and (err <= 2**-4 * largest).all(), (
+        f"{int(off.sum())} of {len(off)} tokens beyond the bound ({allowed} allowed); largest error "
+        f"{(err / largest).max():.2e} of the largest output, at most {(err / bound).max():.2f} times the bound")
 
 
 # ---- the align step ----
@@ -72,9 +99,7 @@ def test_fused_moe_matches_loop(T, E, data, H, I, dtype, seed):
     weights, ids = routing(T, E, k, seed)
     w1, w2 = experts(E, H, I, seed, dtype)
     x = randn((T, H), seed + 2, dtype=dtype)
-    y = kernels.fused_moe(x, w1, w2, weights, ids)
-    assert y.shape == (T, H) and y.dtype == dtype
-    check_close(y, R.fused_moe(x, w1, w2, weights, ids))
+    check_moe(kernels.fused_moe(x, w1, w2, weights, ids), x, w1, w2, weights, ids)
 
 
 @FEW
@@ -86,9 +111,7 @@ def test_fp8_fused_moe_matches_loop(T, E, data, H, I, dtype, seed):
     weights, ids = routing(T, E, k, seed)
     q = quantized(*experts(E, H, I, seed, dtype))
     x = randn((T, H), seed + 2, dtype=dtype)
-    y = kernels.fused_moe(x, topk_weights=weights, topk_ids=ids, **q)
-    assert y.shape == (T, H) and y.dtype == dtype
-    check_close(y, R.fused_moe(x, topk_weights=weights, topk_ids=ids, **q), fp8=True)
+    check_moe(kernels.fused_moe(x, topk_weights=weights, topk_ids=ids, **q), x, topk_weights=weights, topk_ids=ids, **q)
 
 
 def test_fp8_fused_moe_is_close_to_full_precision():
@@ -120,15 +143,16 @@ def edge_routing(case: str, T: int, E: int) -> tuple[int, torch.Tensor]:
 @pytest.mark.parametrize("T", [1, 17, 33])  # decode, and token counts that are not a multiple of the block
 @pytest.mark.parametrize("case", ["empty experts", "one expert takes every token", "k = 1", "k = E"])
 def test_routing_edge_cases(each_backend, case, T):
-    E, H, I = 6, 128, 64
+    # H = 256 and I = 192: both GEMMs take two 128-wide K steps (the FP8 kernel reads a new scale per step), and the
+    # gate and up rows of w1 span three 128-row scale blocks, the middle one shared by gate and up rows.
+    E, H, I = 4, 256, 192
     k, ids = edge_routing(case, T, E)
     weights = torch.rand(T, k)
     w1, w2 = experts(E, H, I, T)
     x = randn((T, H), T + 1)
-    check_close(kernels.fused_moe(x, w1, w2, weights, ids), R.fused_moe(x, w1, w2, weights, ids))
+    check_moe(kernels.fused_moe(x, w1, w2, weights, ids), x, w1, w2, weights, ids)
     q = quantized(w1, w2)
-    check_close(kernels.fused_moe(x, topk_weights=weights, topk_ids=ids, **q),
-                R.fused_moe(x, topk_weights=weights, topk_ids=ids, **q), fp8=True)
+    check_moe(kernels.fused_moe(x, topk_weights=weights, topk_ids=ids, **q), x, topk_weights=weights, topk_ids=ids, **q)
 
 
 def test_no_tokens(each_backend):

@@ -1,0 +1,38 @@
+"""The MoE layer against DeepSeek-V3's equation written out token by token (section 2.1.2, eq. 12):
+
+    h'_t = sum_i FFN^(s)_i(u_t) + sum_i g_{i,t} FFN^(r)_i(u_t)
+
+with the routed experts' weights read from the stacked tensors, one expert and one token at a time.
+"""
+
+import torch
+import torch.nn.functional as F
+
+from mini_deepseek import ModelConfig
+from mini_deepseek.moe import MoE
+
+
+def test_moe_adds_the_shared_experts_to_the_routed_ones():
+    cfg = ModelConfig.preset("toy", n_shared_experts=2)
+    torch.manual_seed(0)
+    moe = MoE(cfg).eval()
+    with torch.no_grad():
+        for p in moe.parameters():
+            p.normal_(std=0.2)
+        moe.gate.e_score_correction_bias.uniform_(-0.1, 0.1)
+    x = torch.randn(2, 5, cfg.dim)
+    with torch.no_grad():
+        out = moe(x)
+        weights, indices = moe.gate(x.view(-1, cfg.dim), seq_len=5)  # the routing is tested in test_model.py
+        I = cfg.moe_inter_dim
+        expected = []
+        for t, u in enumerate(x.view(-1, cfg.dim)):
+            shared = moe.shared_experts
+            h = shared.down_proj.weight @ (F.silu(shared.gate_proj.weight @ u) * (shared.up_proj.weight @ u))
+            for g, e in zip(weights[t], indices[t], strict=True):
+                w_gate, w_up = moe.experts.w_gate_up[e, :I], moe.experts.w_gate_up[e, I:]
+                h = h + g * (moe.experts.w_down[e] @ (F.silu(w_gate @ u) * (w_up @ u)))
+            expected.append(h)
+    expected = torch.stack(expected).view_as(x)
+    # float32 sums in another order: a few units in the last place of the largest terms
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
