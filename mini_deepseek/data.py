@@ -356,6 +356,22 @@ def arithmetic_tables(max_count: int = WORD_PROBLEM_MAX, languages: Sequence[str
     return pairs
 
 
+def word_problem_pretraining(problems: Sequence[WordProblem], tokenizer: ByteTokenizer, max_count: int = WORD_PROBLEM_MAX,
+                             r1_share: float = 0.0, seed: int = 0, tables_batch_scale: int = 4) -> InterleavedDataset:
+    """A base model's pretraining data for chapter 06: the worked problems as (question, solution) pairs, taking
+    turns with the arithmetic tables of both number languages, whose batches are tables_batch_scale times larger
+    (a fact is a few tokens, and a small model needs many of them before it uses the facts inside a solution).
+    r1_share: the share of solutions written in R1's tagged format instead of the plain one (random.Random(seed)
+    picks them), as a crawl holds a little text in any format; the tags are then tokens the base model has seen."""
+    if not 0 <= r1_share <= 1:
+        raise ValueError(f"r1_share = {r1_share}: must be in [0, 1]")
+    rng = random.Random(seed)
+    pairs = [(p.prompt, p.r1_completion if rng.random() < r1_share else p.completion.rstrip("\n")) for p in problems]
+    return InterleavedDataset(PairDataset(pairs, tokenizer, seed=seed),
+                              PairDataset(arithmetic_tables(max_count), tokenizer, seed=seed),
+                              batch_scale=(1, tables_batch_scale))
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Text already on this machine
 
@@ -542,12 +558,16 @@ class PairDataset:
 
 class InterleavedDataset:
     """Datasets taking turns, one batch each (step s draws batch s // n of dataset s % n), with the get_batch
-    interface of TokenDataset: e.g. worked problems and arithmetic tables in one pretraining run."""
+    interface of TokenDataset: e.g. worked problems and arithmetic tables in one pretraining run. batch_scale: one
+    factor per dataset, its batches hold batch_size x factor examples (short examples can come in larger batches)."""
 
-    def __init__(self, *datasets: TokenDataset | PairDataset):
+    def __init__(self, *datasets: TokenDataset | PairDataset, batch_scale: Sequence[int] | None = None):
         if not datasets:
             raise ValueError("InterleavedDataset needs at least one dataset")
-        self.datasets = datasets
+        batch_scale = tuple(batch_scale) if batch_scale is not None else (1,) * len(datasets)
+        if len(batch_scale) != len(datasets) or min(batch_scale) < 1:
+            raise ValueError(f"batch_scale = {batch_scale}: one factor >= 1 per dataset ({len(datasets)})")
+        self.datasets, self.batch_scale = datasets, batch_scale
 
     def __len__(self) -> int:
         return sum(len(d) for d in self.datasets)
@@ -555,4 +575,4 @@ class InterleavedDataset:
     def get_batch(self, step: int, batch_size: int, seq_len: int, split: str = "train"
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self.datasets)
-        return self.datasets[step % n].get_batch(step // n, batch_size, seq_len, split)
+        return self.datasets[step % n].get_batch(step // n, batch_size * self.batch_scale[step % n], seq_len, split)

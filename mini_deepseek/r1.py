@@ -23,12 +23,12 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .config import ModelConfig
 from .data import NUMERAL, PairDataset, WordProblem, check_answer, numeral_language
 from .grpo import LOSS_TYPES, REWARD_NAMES, group_advantages, grpo_loss, reasoning_of, rule_rewards
 from .params import count_params
+from .progress import progress_bar
 from .tokenizer import ByteTokenizer
 from .train import History, TrainConfig, lr_at, make_optimizer, train
 
@@ -58,24 +58,22 @@ def generate_completions(model: nn.Module, prompts: Sequence[Sequence[int]], max
     completions: list[list[int]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start:start + batch_size]
-        # TODO(issue7-lib): one left-padded call with attention_mask once model.generate supports it; until then,
-        # prompts of equal length share a call.
-        by_length: dict[int, list[int]] = {}
+        # One call per chunk: prompts padded on the LEFT, padding keys masked, so each row decodes as it would alone.
+        width = max(map(len, chunk))
+        ids = torch.full((len(chunk), width), eos_id, dtype=torch.long)  # [b, width]
+        attention_mask = torch.zeros(len(chunk), width, dtype=torch.bool)  # [b, width], True = prompt token
         for i, prompt in enumerate(chunk):
-            by_length.setdefault(len(prompt), []).append(i)
-        rows: list[list[int]] = [[] for _ in chunk]
-        for length, indices in by_length.items():
-            ids = torch.tensor([list(chunk[i]) for i in indices], dtype=torch.long, device=device)  # [b, length]
-            out = model.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos_id,
-                                 generator=generator)  # [b, length + new]
-            for i, row in zip(indices, out[:, length:].tolist(), strict=True):
-                rows[i] = row[:row.index(eos_id) + 1] if eos_id in row else row
+            ids[i, width - len(prompt):] = torch.tensor(list(prompt), dtype=torch.long)
+            attention_mask[i, width - len(prompt):] = True
+        out = model.generate(ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p, eos_id=eos_id,
+                             generator=generator, attention_mask=attention_mask.to(device))  # [b, width + new]
+        rows = [row[:row.index(eos_id) + 1] if eos_id in row else row for row in out[:, width:].tolist()]
         completions += rows
     return completions
 
 
 def completion_logprobs(model: nn.Module, prompts: Sequence[Sequence[int]], completions: Sequence[Sequence[int]],
-                        pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+                        pad_id: int, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """log pi(token) of every completion token given its prompt and the completion before it.
 
     Each row is prompt + completion, right-padded: causal attention never lets a token see the padding after
@@ -91,7 +89,10 @@ def completion_logprobs(model: nn.Module, prompts: Sequence[Sequence[int]], comp
         ids[i, :len(p) + len(c)] = torch.tensor(list(p) + list(c), dtype=torch.long)
     ids = ids.to(device)
     logits = model(ids[:, :-1])  # [N, T-1, vocab]: position t predicts token t+1
-    token_logp = torch.gather(F.log_softmax(logits.float(), dim=-1), 2, ids[:, 1:, None]).squeeze(2)  # [N, T-1]
+    if temperature <= 0:
+        raise ValueError(f"temperature = {temperature}: log-probabilities need a temperature > 0")
+    # The distribution the completions were sampled from: logits / temperature (as TRL scores them).
+    token_logp = torch.gather(F.log_softmax(logits.float() / temperature, dim=-1), 2, ids[:, 1:, None]).squeeze(2)
     prompt_len = torch.tensor([len(p) for p in prompts], device=device)  # [N]
     completion_len = torch.tensor([len(c) for c in completions], device=device)  # [N]
     L = max(1, int(completion_len.max()))
@@ -125,7 +126,10 @@ class GRPOConfig:
     max_new_tokens: int = 64  # longest completion; one cut off there earns what its text earns (usually 0)
     sample_batch_size: int = 128  # rows per generate call: bounds the KV cache while sampling
     micro_batch_size: int = 64  # completions per forward/backward: bounds activations while optimizing
-    eval_every: int = 10  # greedy accuracy on the eval problems every this many steps and at the end (0: never)
+    eval_every: int = 10  # accuracy on the eval problems every this many steps and at the end (0: never)
+    eval_temperature: float = 0.0  # 0: greedy; R1 reports pass@1 over samples at 0.6 (section 3)
+    eval_top_p: float = 1.0  # nucleus of the eval samples (R1: 0.95)
+    eval_samples: int = 1  # completions per eval problem (more than one needs eval_temperature > 0)
     seed: int = 0  # seeds torch, the prompt order and the sampling
 
     def __post_init__(self) -> None:
@@ -137,9 +141,16 @@ class GRPOConfig:
         if self.group_size < 2:
             raise ValueError(f"GRPOConfig.group_size = {self.group_size}: GRPO needs at least 2 samples per prompt "
                              f"(the advantage compares samples within a group)")
-        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "clip_eps", "beta", "temperature"):
+        for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "clip_eps", "beta", "eval_temperature"):
             if getattr(self, name) < 0:
                 raise ValueError(f"GRPOConfig.{name} = {getattr(self, name)}: must not be negative")
+        if self.eval_samples < 1 or (self.eval_samples > 1 and self.eval_temperature == 0) or \
+                not 0 < self.eval_top_p <= 1:
+            raise ValueError(f"GRPOConfig: eval_samples = {self.eval_samples} needs eval_temperature > 0 when above 1, "
+                             f"and 0 < eval_top_p <= 1 (got {self.eval_temperature}, {self.eval_top_p})")
+        if self.temperature <= 0:
+            raise ValueError(f"GRPOConfig.temperature = {self.temperature}: the G samples of a group must differ, so "
+                             f"sampling needs a temperature > 0")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"GRPOConfig.loss_type = {self.loss_type!r}: choose one of {LOSS_TYPES}")
         unknown = set(self.reward_weights) - set(REWARD_NAMES)
@@ -160,8 +171,8 @@ def grpo_train(policy: nn.Module, reference: nn.Module, tokenizer: ByteTokenizer
     scores them by the weighted rule rewards, normalizes the rewards within each group, and takes
     updates_per_batch optimizer steps on the clipped objective. History.train holds per step: reward (and each
     reward), accuracy and length (mean completion tokens) of the samples, KL, clip fraction, mean ratio, seconds;
-    History.evals the greedy accuracy on eval_problems ("val_accuracy", "val_length", ...). callback(history)
-    runs after every step.
+    History.evals the accuracy on eval_problems, greedy or pass@1 over eval_samples ("val_accuracy",
+    "val_length", ...). callback(history) runs after every step.
 
     The policy runs in eval mode throughout (grads still flow): RL here adds no MoE balance loss and leaves the
     routing bias where pretraining put it. The reference model of DeepSeekMath's iterative GRPO is refreshed
@@ -177,7 +188,7 @@ def grpo_train(policy: nn.Module, reference: nn.Module, tokenizer: ByteTokenizer
     prompt_ids = [tokenizer.encode(p.prompt) for p in problems]
     check_prompt_lengths(policy, prompt_ids, cfg.max_new_tokens)
     history = History()
-    with tqdm(total=cfg.steps, desc="grpo", unit="step") as bar:
+    with progress_bar(total=cfg.steps, desc="grpo", unit="step") as bar:
         for step in range(1, cfg.steps + 1):
             started = time.perf_counter()
             for group in optimizer.param_groups:
@@ -201,7 +212,9 @@ def grpo_train(policy: nn.Module, reference: nn.Module, tokenizer: ByteTokenizer
                       "seconds": time.perf_counter() - started}
             history.train.append(record)
             if cfg.eval_every and eval_problems and (step % cfg.eval_every == 0 or step == cfg.steps):
-                result = evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, cfg.sample_batch_size)
+                result = evaluate(policy, tokenizer, eval_problems, cfg.max_new_tokens, cfg.sample_batch_size,
+                                  temperature=cfg.eval_temperature, top_p=cfg.eval_top_p, samples=cfg.eval_samples,
+                                  seed=cfg.seed)
                 history.evals.append({"step": step, **{f"val_{k}": v for k, v in result.metrics.items()}})
             postfix = {"reward": f"{record['reward']:.2f}", "acc": f"{record['accuracy']:.2f}",
                        "kl": f"{record['kl']:.3f}", "len": f"{record['length']:.0f}"}
@@ -229,11 +242,12 @@ def _optimize_on_batch(policy: nn.Module, reference: nn.Module, optimizer: torch
     for update in range(cfg.updates_per_batch):
         optimizer.zero_grad(set_to_none=True)
         for k, m in enumerate(micro):
-            logp, mask = completion_logprobs(policy, prompts[m], completions[m], pad_id)  # [n, L] each
+            logp, mask = completion_logprobs(policy, prompts[m], completions[m], pad_id, cfg.temperature)  # [n, L]
             if update == 0:
                 old_logp.append(logp.detach())
                 with torch.no_grad():
-                    ref_logp.append(completion_logprobs(reference, prompts[m], completions[m], pad_id)[0])
+                    ref_logp.append(completion_logprobs(reference, prompts[m], completions[m], pad_id,
+                                                          cfg.temperature)[0])
             loss, stats = grpo_loss(logp, old_logp[k], ref_logp[k], advantages[m].to(logp.device), mask,
                                     cfg.clip_eps, cfg.beta, cfg.loss_type)
             # grpo averages over completions, dapo over tokens: weigh each micro-batch by its share of either
@@ -256,13 +270,20 @@ class EvalResult:
 
 
 def evaluate(model: nn.Module, tokenizer: ByteTokenizer, problems: Sequence[WordProblem], max_new_tokens: int,
-             batch_size: int = 128, plain_format: bool = False) -> EvalResult:
-    """Greedy accuracy on problems, with the rule rewards of grpo.py. plain_format: score a model that answers
-    in the pretraining text's own format ("...; so 9" on one line) with data.check_answer instead; format and
-    language are then not measured."""
+             batch_size: int = 128, plain_format: bool = False, temperature: float = 0.0, top_p: float = 1.0,
+             samples: int = 1, seed: int = 0) -> EvalResult:
+    """Accuracy on problems, with the rule rewards of grpo.py: greedy by default; with temperature > 0, the mean
+    over `samples` sampled completions per problem (R1's pass@1, section 3: temperature 0.6, top-p 0.95, k samples),
+    drawn from torch.Generator().manual_seed(seed) so that evaluations compare. plain_format: score a model that
+    answers in the pretraining text's own format ("...; so 9" on one line) with data.check_answer instead; format
+    and language are then not measured. completions: `samples` per problem, problem-major."""
+    if samples < 1 or (samples > 1 and temperature == 0):
+        raise ValueError(f"samples = {samples}: need samples >= 1, and temperature > 0 for more than one")
     eos = tokenizer.eos_id
+    problems = [p for p in problems for _ in range(samples)]  # each problem `samples` times, problem-major
     ids = [tokenizer.encode(p.prompt) for p in problems]
-    completions = generate_completions(model, ids, max_new_tokens, eos, batch_size=batch_size)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
+    completions = generate_completions(model, ids, max_new_tokens, eos, temperature, top_p, generator, batch_size)
     texts = [tokenizer.decode(c, skip_special=True) for c in completions]
     if plain_format:
         scores = [{"accuracy": float(check_answer(t, p.answer))} for t, p in zip(texts, problems, strict=True)]

@@ -3,11 +3,10 @@ library itself does not need it."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 
 from .grpo import kl_k3
+from .plots import smooth
 from .train import History
 
 
@@ -30,35 +29,34 @@ def _arrow(ax, start: tuple[float, float], end: tuple[float, float], label: str 
 TRAINED, FROZEN, RULE = "#f6c89f", "#cfe2f3", "#d9ead3"  # box colors: trained model, frozen model, no model
 
 
+# Each panel as data: boxes (center, text, color, width) and arrows (start, end, label).
+_PANELS = {
+    "PPO": ([((0.1, 0.5), "prompt q", "white", 0.14), ((0.33, 0.5), "policy\n(trained)", TRAINED, 0.2),
+             ((0.58, 0.82), "reference\n(frozen)", FROZEN, 0.2), ((0.58, 0.5), "reward\n(rule or model)", RULE, 0.2),
+             ((0.58, 0.18), "value model\n(trained)", TRAINED, 0.2),
+             ((0.86, 0.5), "GAE advantage\nper token", "white", 0.22)],
+            [((0.17, 0.5), (0.23, 0.5), ""), ((0.43, 0.55), (0.48, 0.78), "o"), ((0.43, 0.5), (0.48, 0.5), "o"),
+             ((0.43, 0.45), (0.48, 0.22), "o"), ((0.68, 0.82), (0.8, 0.58), "KL in r"),
+             ((0.68, 0.5), (0.75, 0.5), "r"), ((0.68, 0.18), (0.8, 0.42), "V")]),
+    "GRPO (no value model)": (
+        [((0.1, 0.5), "prompt q", "white", 0.14), ((0.33, 0.5), "policy\n(trained)", TRAINED, 0.2),
+         ((0.58, 0.82), "reference\n(frozen)", FROZEN, 0.2), ((0.58, 0.42), "rule rewards\nr_1 .. r_G", RULE, 0.2),
+         ((0.86, 0.42), "(r_i - mean)\n/ std", "white", 0.2)],
+        [((0.17, 0.5), (0.23, 0.5), ""), ((0.43, 0.55), (0.48, 0.78), "o_1..o_G"),
+         ((0.43, 0.45), (0.48, 0.42), "o_1..o_G"), ((0.68, 0.42), (0.76, 0.42), "")]),
+}
+
+
 def draw_ppo_vs_grpo(axes) -> None:
     """Two panels: PPO's models (policy, value model, reference; a reward) against GRPO's (policy, reference)."""
-    ppo, grpo = axes
-    for ax, title in ((ppo, "PPO"), (grpo, "GRPO (no value model)")):
+    for ax, (title, (boxes, arrows)) in zip(axes, _PANELS.items(), strict=True):
         ax.set(xlim=(0, 1), ylim=(0, 1), title=title)
         ax.axis("off")
-    _box(ppo, (0.1, 0.5), "prompt q", "white", 0.14)
-    _box(ppo, (0.33, 0.5), "policy\n(trained)", TRAINED)
-    _box(ppo, (0.58, 0.82), "reference\n(frozen)", FROZEN)
-    _box(ppo, (0.58, 0.5), "reward\n(rule or model)", RULE)
-    _box(ppo, (0.58, 0.18), "value model\n(trained)", TRAINED)
-    _box(ppo, (0.86, 0.5), "GAE advantage\nper token", "white", 0.22)
-    _arrow(ppo, (0.17, 0.5), (0.23, 0.5))
-    _arrow(ppo, (0.43, 0.55), (0.48, 0.78), "o")
-    _arrow(ppo, (0.43, 0.5), (0.48, 0.5), "o")
-    _arrow(ppo, (0.43, 0.45), (0.48, 0.22), "o")
-    _arrow(ppo, (0.68, 0.82), (0.8, 0.58), "KL in r")
-    _arrow(ppo, (0.68, 0.5), (0.75, 0.5), "r")
-    _arrow(ppo, (0.68, 0.18), (0.8, 0.42), "V")
-    _box(grpo, (0.1, 0.5), "prompt q", "white", 0.14)
-    _box(grpo, (0.33, 0.5), "policy\n(trained)", TRAINED)
-    _box(grpo, (0.58, 0.82), "reference\n(frozen)", FROZEN)
-    _box(grpo, (0.58, 0.42), "rule rewards\nr_1 .. r_G", RULE)
-    _box(grpo, (0.86, 0.42), "(r_i - mean)\n/ std", "white", 0.2)
-    _arrow(grpo, (0.17, 0.5), (0.23, 0.5))
-    _arrow(grpo, (0.43, 0.55), (0.48, 0.78), "o_1..o_G")
-    _arrow(grpo, (0.43, 0.45), (0.48, 0.42), "o_1..o_G")
-    _arrow(grpo, (0.68, 0.42), (0.76, 0.42))
-    grpo.text(0.62, 0.66, "KL (k3) in the loss", fontsize=7.5, color="0.25")
+        for center, text, color, width in boxes:
+            _box(ax, center, text, color, width)
+        for start, end, label in arrows:
+            _arrow(ax, start, end, label)
+    axes[1].text(0.62, 0.66, "KL (k3) in the loss", fontsize=7.5, color="0.25")
 
 
 def plot_clipped_objective(axes, clip_eps: float = 0.2) -> None:
@@ -114,15 +112,6 @@ CURVES = (("reward", "reward (mean of the samples)"), ("val_accuracy", "held-out
           ("clip_fraction", "clip fraction"))
 
 
-def smooth(values: Sequence[float], window: int = 5) -> list[float]:
-    """Trailing mean over the last `window` values: single GRPO batches are noisy."""
-    out = []
-    for i in range(len(values)):
-        chunk = values[max(0, i - window + 1):i + 1]
-        out.append(sum(chunk) / len(chunk))
-    return out
-
-
 def plot_grpo_curves(axes, histories: dict[str, History], window: int = 5) -> None:
     """One panel per curve of CURVES, one line per run (name -> History)."""
     for ax, (key, title) in zip(axes, CURVES, strict=True):
@@ -137,19 +126,9 @@ def plot_grpo_curves(axes, histories: dict[str, History], window: int = 5) -> No
     axes[0].legend(fontsize=8)
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A Markdown table from a header and rows (values formatted with str)."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(v) for v in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
-def format_bytes(n: float) -> str:
-    """Bytes in binary units: 1536 -> '1.5 KiB'."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:,.1f} {unit}"
-    return f"{n:.0f} B"
+def format_gb(n: float) -> str:
+    """Bytes in GB (10^9 bytes, the course's unit): 1.34e13 -> '13,421 GB'; below 1 GB in MB."""
+    return f"{n / 1e9:,.0f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
 
 
 def format_count(n: float) -> str:
@@ -160,5 +139,5 @@ def format_count(n: float) -> str:
     return str(int(n))
 
 
-__all__ = ["CURVES", "draw_ppo_vs_grpo", "draw_r1_pipeline", "format_bytes", "format_count", "markdown_table",
-           "plot_clipped_objective", "plot_grpo_curves", "plot_kl_estimators", "smooth"]
+__all__ = ["CURVES", "draw_ppo_vs_grpo", "draw_r1_pipeline", "format_count", "format_gb", "plot_clipped_objective",
+           "plot_grpo_curves", "plot_kl_estimators"]

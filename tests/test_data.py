@@ -19,6 +19,7 @@ from mini_deepseek.data import (
     parse_number,
     stdlib_corpus,
     text_files_corpus,
+    word_problem_pretraining,
     word_problems,
     write_number,
 )
@@ -272,6 +273,28 @@ def test_interleaved_dataset_takes_turns():
         expected = (first if step % 2 == 0 else second).get_batch(step // 2, 2, 8)
         assert all(torch.equal(x, y) for x, y in zip(mixed.get_batch(step, 2, 8), expected, strict=True))
     assert len(mixed) == 2
+    scaled = InterleavedDataset(first, second, batch_scale=(1, 3))
+    assert scaled.get_batch(0, 2, 8)[0].shape[0] == 2 and scaled.get_batch(1, 2, 8)[0].shape[0] == 6
+    with pytest.raises(ValueError, match="batch_scale"):
+        InterleavedDataset(first, second, batch_scale=(1,))
+
+
+def test_word_problem_pretraining_mixes_formats_and_takes_turns_with_the_tables():
+    tok = TagTokenizer()
+    problems = word_problems(200, seed=3, max_count=10)
+    plain = word_problem_pretraining(problems, tok, max_count=10)
+    tagged = word_problem_pretraining(problems, tok, max_count=10, r1_share=1.0)
+    some = word_problem_pretraining(problems, tok, max_count=10, r1_share=0.3, seed=1)
+    think = tok.tag_ids["<think>"]
+    shares = []
+    for data in (plain, tagged, some):
+        problems_part, tables_part = data.datasets
+        assert len(tables_part) == len(arithmetic_tables(10)) and len(problems_part) == len(problems)
+        targets = [t for _, t in problems_part.splits["train"]]
+        shares.append(sum(think in t for t in targets) / len(targets))
+    assert shares[0] == 0.0 and shares[1] == 1.0 and 0.2 < shares[2] < 0.4
+    with pytest.raises(ValueError, match="r1_share"):
+        word_problem_pretraining(problems, tok, r1_share=1.5)
 
 
 def test_batches_depend_on_the_dataset_seed():

@@ -49,10 +49,11 @@ class ScriptedModel(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.zeros(1))
         self.replies = replies
 
-    def generate(self, input_ids, max_new_tokens, eos_id=None, **kwargs):
+    def generate(self, input_ids, max_new_tokens, eos_id=None, attention_mask=None, **kwargs):
         rows = []
-        for row in input_ids.tolist():
-            reply = tok.encode(self.replies[len(row)], eos=True)[:max_new_tokens]
+        lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
+        for row, length in zip(input_ids.tolist(), lengths, strict=True):
+            reply = tok.encode(self.replies[length], eos=True)[:max_new_tokens]
             rows.append(row + reply + [tok.pad_id] * (max_new_tokens - len(reply)))
         return torch.tensor(rows)
 
@@ -71,6 +72,23 @@ def test_completion_logprobs_match_a_forward_pass_per_sequence():
             token_logp = F.log_softmax(model(ids)[0, :-1], dim=-1)  # [T-1, vocab]
             expected = torch.stack([token_logp[len(p) - 1 + j, t] for j, t in enumerate(c)])
             assert_close(logp[i, :len(c)], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_completion_logprobs_score_the_tempered_distribution():
+    model = tiny_model().eval()
+    logp, _ = completion_logprobs(model, [[5, 6, 7]], [[10, 11]], tok.pad_id, temperature=0.5)
+    with torch.no_grad():
+        scaled = F.log_softmax(model(torch.tensor([[5, 6, 7, 10]]))[0] / 0.5, dim=-1)  # [4, vocab]
+    assert_close(logp[0], torch.stack([scaled[2, 10], scaled[3, 11]]), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="temperature"):
+        completion_logprobs(model, [[5]], [[10]], tok.pad_id, temperature=0.0)
+
+
+def test_an_empty_completion_has_no_tokens_in_the_mask_and_no_nan():
+    logp, mask = completion_logprobs(tiny_model().eval(), [[5, 6, 7], [8, 9]], [[], [12]], tok.pad_id)
+    assert mask.tolist() == [[False], [True]] and torch.isfinite(logp).all()
+    with pytest.raises(ValueError, match="2 prompts but 1 completions"):
+        completion_logprobs(tiny_model(), [[5], [6]], [[1]], tok.pad_id)
 
 
 def test_generate_completions_stop_at_eos_and_keep_it():
@@ -108,11 +126,12 @@ def test_micro_batches_add_up_to_the_whole_batch(loss_type):
 
 
 def test_grpo_train_runs_and_logs_every_curve(monkeypatch):
-    # A random model earns no rule reward, so no advantage, so no update: reward even-length texts instead.
+    # A random model earns no rule reward, so no advantage, so no update: reward texts whose bytes sum to an even
+    # number instead.
     import mini_deepseek.r1 as r1
 
     monkeypatch.setattr(r1, "rule_rewards", lambda text, answer, language: {
-        "accuracy": float(len(text) % 2 == 0), "format": 0.0, "language": 0.0})
+        "accuracy": float(sum(text.encode()) % 2 == 0), "format": 0.0, "language": 0.0})
     problems = word_problems(12, seed=0, levels=(1,))
     policy = tiny_model()
     reference = copy.deepcopy(policy)
@@ -137,6 +156,10 @@ def test_grpo_config_rejects_groups_of_one_and_unknown_rewards():
         GRPOConfig(reward_weights={"length": 1.0})
     with pytest.raises(ValueError, match="loss_type"):
         GRPOConfig(loss_type="ppo")
+    with pytest.raises(ValueError, match="temperature > 0"):
+        GRPOConfig(temperature=0.0)
+    with pytest.raises(ValueError, match="eval_samples"):
+        GRPOConfig(eval_samples=4)  # several eval samples of a greedy decoder would all be the same
 
 
 # --- evaluation, rejection sampling, distillation ------------------------------------------------------------------
@@ -160,6 +183,11 @@ def test_evaluate_and_rejection_sampling_with_scripted_answers():
     assert kept.drawn == 6 and kept.prompts_with_a_keeper == 1
     relaxed = rejection_sample(model, tok, [right, mixed], n_samples=1, max_new_tokens=60, require=("accuracy",))
     assert len(relaxed.pairs) == 2
+    sampled = evaluate(model, tok, [right, mixed], max_new_tokens=60, temperature=0.6, top_p=0.95, samples=3)
+    assert len(sampled.completions) == 6 and sampled.completions[:3] == [right.r1_completion] * 3
+    assert sampled.metrics["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="temperature > 0"):
+        evaluate(model, tok, [right], max_new_tokens=60, samples=2)
 
 
 def test_distill_trains_the_student_on_the_teachers_kept_samples():
