@@ -111,7 +111,7 @@ class GRPOConfig:
     prompts_per_step: int = 16  # prompts drawn per step
     group_size: int = 8  # G: completions sampled per prompt (DeepSeekMath: 64; TRL's default: 8)
     updates_per_batch: int = 2  # mu: optimizer steps on each batch of samples (DeepSeekMath Algorithm 1)
-    lr: float = 5e-4  # peak learning rate (constant after warmup unless min_lr_ratio < 1)
+    lr: float = 1e-4  # peak learning rate; far below pretraining's, as Adam moves every weight by about lr a step
     warmup_steps: int = 0  # linear warmup over the first GRPO steps
     min_lr_ratio: float = 1.0  # cosine decay to lr * min_lr_ratio at the last step (1.0: constant)
     weight_decay: float = 0.0  # AdamW weight decay on matrices
