@@ -274,9 +274,10 @@ def evaluate(model: nn.Module, tokenizer: ByteTokenizer, problems: Sequence[Word
              samples: int = 1, seed: int = 0) -> EvalResult:
     """Accuracy on problems, with the rule rewards of grpo.py: greedy by default; with temperature > 0, the mean
     over `samples` sampled completions per problem (R1's pass@1, section 3: temperature 0.6, top-p 0.95, k samples),
-    drawn from torch.Generator().manual_seed(seed) so that evaluations compare. plain_format: score a model that
-    answers in the pretraining text's own format ("...; so 9" on one line) with data.check_answer instead; format
-    and language are then not measured. completions: `samples` per problem, problem-major."""
+    drawn from torch.Generator().manual_seed(seed) so that evaluations compare. plain_format: score the answer the
+    reasoning reaches, in either format ("...; so 9" on the first line, or inside <think>...</think>), with
+    data.check_answer instead; format and language are then not measured. completions: `samples` per problem,
+    problem-major."""
     if samples < 1 or (samples > 1 and temperature == 0):
         raise ValueError(f"samples = {samples}: need samples >= 1, and temperature > 0 for more than one")
     eos = tokenizer.eos_id
@@ -286,7 +287,9 @@ def evaluate(model: nn.Module, tokenizer: ByteTokenizer, problems: Sequence[Word
     completions = generate_completions(model, ids, max_new_tokens, eos, temperature, top_p, generator, batch_size)
     texts = [tokenizer.decode(c, skip_special=True) for c in completions]
     if plain_format:
-        scores = [{"accuracy": float(check_answer(t, p.answer))} for t, p in zip(texts, problems, strict=True)]
+        # the reasoning's own conclusion, in either format: the think block if there is one, else the first line
+        scores = [{"accuracy": float(check_answer(reasoning_of(t) or t, p.answer))}
+                  for t, p in zip(texts, problems, strict=True)]
     else:
         scores = [rule_rewards(t, p.answer, p.language) for t, p in zip(texts, problems, strict=True)]
     metrics = {name: sum(s[name] for s in scores) / len(scores) for name in scores[0]}

@@ -188,6 +188,10 @@ def test_evaluate_and_rejection_sampling_with_scripted_answers():
     assert sampled.metrics["accuracy"] == 1.0
     with pytest.raises(ValueError, match="temperature > 0"):
         evaluate(model, tok, [right], max_new_tokens=60, samples=2)
+    # "right in any format": the reasoning's conclusion, whether or not the answer tag agrees
+    plain = evaluate(ScriptedModel({n_right: "<think>7+5=12; so 12</think><answer>1</answer>", n_mixed: " 9-2=7; so 8"}),
+                     tok, [right, mixed], max_new_tokens=60, plain_format=True)
+    assert plain.metrics["accuracy"] == 1.0 and "format" not in plain.metrics
 
 
 def test_distill_trains_the_student_on_the_teachers_kept_samples():
