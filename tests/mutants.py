@@ -285,6 +285,16 @@ MUTANTS: list[Mutant] = [
     Mutant("DualPipe's bubble with zero-bubble's 2W instead of its own 3W", "mini_deepseek/pipeline/simulate.py",
            '"dualpipe": (P // 2 - 1) * (FB + B - 3 * W)', '"dualpipe": (P // 2 - 1) * (FB + B - 2 * W)',
            ("tests/test_pipeline.py::test_idle_time_equals_the_closed_form_on_every_device",)),
+    # --- GRPO (notebook 06) ---------------------------------------------------------------------------------------
+    Mutant("group advantages with the population std (n) instead of the sample std (n - 1)", "mini_deepseek/grpo.py",
+           "std = rewards.std(dim=1, keepdim=True)", "std = rewards.std(dim=1, keepdim=True, unbiased=False)",
+           ("tests/test_grpo.py::test_group_advantages_hand_computed",)),
+    Mutant("k3 with the log-ratio's sign flipped (log pi_theta / pi_ref)", "mini_deepseek/grpo.py",
+           "log_ratio = ref_logp - logp  # log(pi_ref / pi_theta)", "log_ratio = logp - ref_logp",
+           ("tests/test_grpo.py::test_kl_k3_hand_computed_and_shapes",)),
+    Mutant("the clipped surrogate takes the max instead of the min (clips on the wrong side)", "mini_deepseek/grpo.py",
+           "surrogate = torch.min(ratio * adv,", "surrogate = torch.max(ratio * adv,",
+           ("tests/test_grpo.py::test_grpo_loss_hand_computed_grpo_and_dapo",)),
     # --- FP8 training (notebook 04) ---
     Mutant("FP8 Dgrad: the weight transposed but its block scales not", "mini_deepseek/fp8_training.py",
            "w_t_q, w_t_s = w_q.T.contiguous(), w_s.T.contiguous()",
