@@ -270,7 +270,10 @@ MUTANTS: list[Mutant] = [
            ("tests/test_checkpoint.py::test_fp8_checkpoint",)),
     # --- data and training --------------------------------------------------------------------------------------
     Mutant("batches ignore the dataset's seed", "mini_deepseek/data.py",
-           "_batch_seed(self.seed, split, step)", "_batch_seed(0, split, step)",
+           "generator = torch.Generator().manual_seed(_batch_seed(self.seed, split, step))\n"
+           "        starts = torch.randint(",
+           "generator = torch.Generator().manual_seed(_batch_seed(0, split, step))\n"
+           "        starts = torch.randint(",
            ("tests/test_data.py::test_batches_depend_on_the_dataset_seed",)),
     Mutant("targets not shifted by one token", "mini_deepseek/data.py",
            "return chunk[:, :-1], chunk[:, 1:]", "return chunk[:, :-1], chunk[:, :-1]",
