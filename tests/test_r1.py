@@ -225,6 +225,7 @@ def test_mean_over_seeds_and_format_seeds():
 
     assert mean_over_seeds([[1.0, 2.0], [3.0, 6.0]]) == [2.0, 4.0]
     assert mean_over_seeds([{"a": 0.5, "b": 1.0}, {"a": 0.7, "b": 3.0}]) == pytest.approx({"a": 0.6, "b": 2.0})
+    assert mean_over_seeds([{"a": 0.5}, {"a": 0.7}, {"a": 0.9}]) == pytest.approx({"a": 0.7})
     with pytest.raises(ValueError, match="different lengths"):
         mean_over_seeds([[1.0], [1.0, 2.0]])
     with pytest.raises(ValueError, match="different keys"):
