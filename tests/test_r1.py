@@ -218,3 +218,44 @@ def test_rl_memory_counts_the_value_model():
     assert memory["GRPO"]["bytes"] == policy * (BYTES_TRAINED + BYTES_FROZEN)
     v3 = rl_memory(ModelConfig.preset("v3"))
     assert v3["GRPO"]["policy"] == 671_026_404_352  # the published 671B, from the config alone
+
+
+def test_mean_over_seeds_and_format_seeds():
+    from mini_deepseek.r1_plots import format_seeds, mean_over_seeds
+
+    assert mean_over_seeds([[1.0, 2.0], [3.0, 6.0]]) == [2.0, 4.0]
+    assert mean_over_seeds([{"a": 0.5, "b": 1.0}, {"a": 0.7, "b": 3.0}]) == pytest.approx({"a": 0.6, "b": 2.0})
+    assert mean_over_seeds([{"a": 0.5}, {"a": 0.7}, {"a": 0.9}]) == pytest.approx({"a": 0.7})
+    with pytest.raises(ValueError, match="different lengths"):
+        mean_over_seeds([[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="different keys"):
+        mean_over_seeds([{"a": 1.0}, {"b": 1.0}])
+    with pytest.raises(ValueError, match="at least one"):
+        mean_over_seeds([])
+    assert format_seeds([0.53, 0.505, 0.55]) == "52.8% (53.0 / 50.5 / 55.0)"
+    assert format_seeds([27.5, 30.0], percent=False) == "28.8 (27.5 / 30.0)"
+    assert format_seeds([0.4]) == "40.0%"
+
+
+def test_plot_grpo_curves_draws_each_seed_and_their_mean():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mini_deepseek.r1_plots import CURVES, plot_grpo_curves
+    from mini_deepseek.train import History
+
+    runs = []
+    for offset in (0.0, 1.0):
+        h = History()
+        h.train = [{"step": s, "reward": s + offset, "kl": 0.1, "length": 10.0, "clip_fraction": 0.0}
+                   for s in (1, 2)]
+        h.evals = [{"step": 2, "val_accuracy": 0.2 + offset / 10}]
+        runs.append(h)
+    fig, axes = plt.subplots(1, len(CURVES))
+    plot_grpo_curves(axes, {"two seeds": runs, "one": runs[0]}, window=1)
+    reward_lines = axes[0].get_lines()
+    assert len(reward_lines) == 4  # two seeds + their mean, then the single run
+    assert list(reward_lines[2].get_ydata()) == [1.5, 2.5]
+    assert list(axes[1].get_lines()[2].get_ydata()) == pytest.approx([0.25])
+    plt.close(fig)
