@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from mini_deepseek import DeepSeekV3, ModelConfig, TrainConfig
 from mini_deepseek.data import make_word_problem, word_problems
+from mini_deepseek.grpo import kl_k3
 from mini_deepseek.params import count_params
 from mini_deepseek.r1 import (
     BYTES_FROZEN,
@@ -123,6 +124,27 @@ def test_micro_batches_add_up_to_the_whole_batch(loss_type):
         grads.append(torch.cat([p.grad.flatten() for p in policy.parameters() if p.grad is not None]))
     assert_close(grads[1], grads[0], atol=1e-6, rtol=1e-5)
     assert_close(grads[2], grads[0], atol=1e-6, rtol=1e-5)
+
+
+def test_logged_kl_is_the_on_policy_estimate_before_the_updates():
+    # After an update the tokens are samples of pi_old, not of pi_theta: k3 on them is unbounded (notebook 06 logged
+    # 41 from one token), so the logged KL is the mean k3 of the first pass, where pi_theta sampled the tokens.
+    torch.manual_seed(0)
+    prompts = [[3 + i, 4, 5][: 1 + i % 3] for i in range(6)]
+    completions = [list(range(20, 20 + n)) for n in (1, 4, 2, 5, 3, 1)]
+    advantages = torch.randn(6)
+    policy, reference = tiny_model().eval(), tiny_model(seed=1).eval()
+    with torch.no_grad():
+        logp, mask = completion_logprobs(policy, prompts, completions, tok.pad_id)
+        ref_logp, _ = completion_logprobs(reference, prompts, completions, tok.pad_id)
+    expected = float(torch.where(mask, kl_k3(logp, ref_logp), 0.0).sum() / mask.sum())
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)  # a large step: the second pass's k3 differs a lot
+    cfg = GRPOConfig(updates_per_batch=2, micro_batch_size=4, grad_clip=0.0, beta=0.1)
+    stats = _optimize_on_batch(policy, reference, optimizer, prompts, completions, advantages, cfg, tok.pad_id)
+    assert stats["kl"] == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        moved, _ = completion_logprobs(policy, prompts, completions, tok.pad_id)
+    assert not torch.allclose(torch.where(mask, moved, 0.0), torch.where(mask, logp, 0.0), atol=1e-2)
 
 
 def test_grpo_train_runs_and_logs_every_curve(monkeypatch):
