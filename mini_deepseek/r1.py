@@ -260,11 +260,10 @@ def _optimize_on_batch(policy: nn.Module, reference: nn.Module, optimizer: torch
             # grpo averages over completions, dapo over tokens: weigh each micro-batch by its share of either
             share = (m.stop - m.start) / N if cfg.loss_type == "grpo" else n_tokens[k] / max(1, sum(n_tokens))
             (loss * share).backward()
-            for key in totals:  # statistics are token means: weigh by tokens, averaged over the updates
-                if key == "kl" and update > 0:
-                    continue
-                weight = n_tokens[k] / max(1, sum(n_tokens)) / (1 if key == "kl" else cfg.updates_per_batch)
-                totals[key] += stats[key] * weight
+            for key in totals:  # token means, averaged over the passes they count in (kl: the first only)
+                passes = 1 if key == "kl" else cfg.updates_per_batch
+                if update < passes:
+                    totals[key] += stats[key] * n_tokens[k] / max(1, sum(n_tokens)) / passes
         nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip else math.inf)
         optimizer.step()
     return totals

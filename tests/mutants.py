@@ -299,7 +299,7 @@ MUTANTS: list[Mutant] = [
            "surrogate = torch.min(ratio * adv,", "surrogate = torch.max(ratio * adv,",
            ("tests/test_grpo.py::test_grpo_loss_hand_computed_grpo_and_dapo",)),
     Mutant("GRPO logs the KL of every pass, off-policy k3 after the first update included", "mini_deepseek/r1.py",
-           '                if key == "kl" and update > 0:\n                    continue\n', "",
+           'passes = 1 if key == "kl" else cfg.updates_per_batch', "passes = cfg.updates_per_batch",
            ("tests/test_r1.py::test_logged_kl_is_the_on_policy_estimate_before_the_updates",)),
     Mutant("GRPO curves over seeds: the thick line is the first seed, not the mean", "mini_deepseek/r1_plots.py",
            "ax.plot(steps, mean_over_seeds(curves), style", "ax.plot(steps, curves[0], style",
