@@ -186,11 +186,12 @@ class DeepSeekV3(nn.Module):
             gate.update_bias()
 
     def set_mla_mode(self, mode: str) -> None:
-        """Switch every MLA layer between "naive" and "absorb" (same weights, same outputs)."""
-        self.config = self.config.replace(mla_mode=mode)
-        for m in self.modules():
-            if hasattr(m, "kv_b_proj"):
-                m.mode = mode
+        """Switch every MLA layer (MTP modules too) to "auto", "naive" or "absorb" (config.MLA_MODES): the same
+        weights and outputs; a KV cache built before the switch may no longer fit (new_cache)."""
+        self.config = self.config.replace(mla_mode=mode)  # validates the mode
+        if self.config.attn_type == "mla":
+            for block in [*self.layers, *self.mtp]:
+                block.self_attn.mode = mode
 
     # --- generation --------------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None) -> list[dict[str, torch.Tensor]]:

@@ -6,6 +6,7 @@ import torch
 
 import kernels
 from mini_deepseek import DeepSeekV3, ModelConfig
+from mini_deepseek import moe as moe_module
 from mini_deepseek.block import Block
 from mini_deepseek.moe import Gate, RoutedExperts
 from mini_deepseek.rope import apply_rotary_emb, precompute_freqs_cis, rope_inv_freq, yarn_ramp_range
@@ -36,6 +37,28 @@ def test_absorbed_mla_equals_naive(variant):
     model.set_mla_mode("absorb")
     absorbed = model(x)
     assert torch.allclose(naive, absorbed, atol=1e-5, rtol=0), (naive - absorbed).abs().max()
+
+
+def test_auto_mode_absorbs_with_a_cache_and_runs_naive_without():
+    """The default mla_mode "auto": generate's cached forwards take the absorbed path (the cache holds the latent),
+    forwards without a cache (training) the naive one; set_mla_mode reaches the MTP modules too."""
+    model = tiny_model(n_mtp_modules=1)
+    assert model.config.mla_mode == "auto"
+    x = ids(T=10)
+    cache = model.new_cache(2, 10)
+    assert [list(layer) for layer in cache] == [["latent"]] * 3
+    auto_cached, auto_full = model(x, cache=cache), model(x)
+    model.set_mla_mode("absorb")
+    absorbed = model(x, cache=model.new_cache(2, 10))
+    model.set_mla_mode("naive")
+    naive = model(x)
+    assert torch.equal(auto_cached, absorbed) and torch.equal(auto_full, naive)
+    assert not torch.equal(auto_cached, auto_full)  # two different paths (equal up to rounding)
+    assert [b.self_attn.mode for b in [*model.layers, *model.mtp]] == ["naive"] * 4
+    with pytest.raises(ValueError, match="build the cache after set_mla_mode"):
+        model(x, cache=cache)  # a latent cache no longer fits the naive path
+    with pytest.raises(ValueError, match="mla_mode"):
+        model.set_mla_mode("fast")
 
 
 CACHE_CASES = [(v, "naive") for v in VARIANTS] + [(v, "absorb") for v in VARIANTS if v.startswith("mla")]
@@ -342,9 +365,14 @@ def test_softmax_gate_has_no_bias():
     assert gate.e_score_correction_bias is None and "e_score_correction_bias" not in gate.state_dict()
 
 
+@pytest.mark.parametrize("grouped_mm", [True, False])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_expert_loop_equals_the_kernels_reference_gradients_included(dtype, tol):
-    """moe.py's loop over experts (the training path) against kernels.reference.fused_moe (the kernels' spec)."""
+def test_grouped_experts_equal_the_kernels_reference_gradients_included(dtype, tol, grouped_mm, monkeypatch):
+    """moe.py's grouped experts (the training and decoding path), with torch._grouped_mm and with its padded-bmm
+    fallback, against kernels.reference.fused_moe (the kernels' spec: a loop over experts)."""
+    if grouped_mm and not moe_module._grouped_mm_fits(torch.zeros(1, 32, dtype=dtype), torch.zeros(8, 16, 32, dtype=dtype)):
+        pytest.skip("this torch has no torch._grouped_mm for CPU tensors")
+    monkeypatch.setattr(moe_module, "_grouped_mm_fits", lambda rows, w: grouped_mm)
     torch.manual_seed(0)
     experts = RoutedExperts(8, 32, 16)
     torch.nn.init.normal_(experts.w_gate_up, std=0.3)
