@@ -175,8 +175,10 @@ def grouped_matmul(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> t
 
 def _grouped_mm_fits(rows: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm runs on CPU (float32, bfloat16) and on CUDA GPUs from compute capability 9.0 (bfloat16),
-    with rows of a multiple of 16 bytes."""
+    with rows of a multiple of 16 bytes. Under torch.compile, its shape function (torch 2.13) accepts bfloat16 only."""
     if not hasattr(torch, "_grouped_mm") or rows.dtype != w.dtype:
+        return False
+    if torch.compiler.is_compiling() and rows.dtype != torch.bfloat16:
         return False
     aligned = all(n * rows.element_size() % 16 == 0 for n in (rows.shape[1], w.shape[1]))
     if rows.device.type == "cpu":
