@@ -35,13 +35,14 @@ module is not called fused_moe.py because importing it would replace the functio
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import warnings
 
 import torch
 
 from . import reference
-from .reference import FP8, block_scale_shape, cdiv
+from .reference import AMAX_FLOOR, FP8, block_scale_shape, cdiv
 
 __all__ = ["act_quant", "weight_quant", "weight_dequant", "fp8_gemm", "fused_moe", "moe_align_block_size",
            "backend", "set_backend", "reference"]
@@ -170,6 +171,11 @@ def _check_block(block_size) -> None:
         raise ValueError(f"block_size must be a power of two >= 16 (Triton tile sizes), got {block_size!r}")
 
 
+def _check_amax_floor(amax_floor) -> None:
+    if isinstance(amax_floor, bool) or not isinstance(amax_floor, (int, float)) or not 1e-30 <= amax_floor < math.inf:
+        raise ValueError(f"amax_floor must be a number in [1e-30, inf) (a normal float32 scale), got {amax_floor!r}")
+
+
 def _check_out_dtype(dtype, name: str) -> None:
     if dtype not in _FLOATS:
         raise TypeError(f"{name} must be one of {', '.join(map(str, _FLOATS))}, got {dtype}")
@@ -177,28 +183,34 @@ def _check_out_dtype(dtype, name: str) -> None:
 
 # ---- public API ----
 
-def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, block_size: int = 128,
+              amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize activations per token in 1 x block_size tiles along the last dimension.
 
     x [..., K] float32/bf16/fp16 -> q [..., K] float8_e4m3fn, s [..., ceil(K / block_size)] float32 with
-    x ≈ q * s.
+    x ≈ q * s, s = max(amax, amax_floor) / 448 per tile (the default floor suits activations; gradients, far
+    smaller, need a smaller one).
     """
     _check_tensor(x, "x", _FLOATS)
     _check_block(block_size)
+    _check_amax_floor(amax_floor)
     device = _check_devices(x=x)
-    return _impl("act_quant", device)(x, block_size)
+    return _impl("act_quant", device)(x, block_size, float(amax_floor))
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, block_size: int = 128,
+                 amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantize weights in block_size x block_size blocks over the last two dimensions.
 
     w [..., N, K] -> q [..., N, K] float8_e4m3fn, s [..., ceil(N / bs), ceil(K / bs)] float32 (the published
-    checkpoints' `weight_scale_inv`). Leading dimensions (e.g. experts) are independent.
+    checkpoints' `weight_scale_inv`), s = max(amax, amax_floor) / 448 per block. Leading dimensions (e.g. experts)
+    are independent.
     """
     _check_tensor(w, "w", _FLOATS, min_dim=2)
     _check_block(block_size)
+    _check_amax_floor(amax_floor)
     device = _check_devices(w=w)
-    return _impl("weight_quant", device)(w, block_size)
+    return _impl("weight_quant", device)(w, block_size, float(amax_floor))
 
 
 def weight_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128,
@@ -220,6 +232,8 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
 
     a_q [..., K] and a_s [..., ceil(K / bs)] from `act_quant`; b_q [N, K] and b_s [ceil(N / bs),
     ceil(K / bs)] from `weight_quant` -> C [..., N] in out_dtype (bf16, fp16 or float32).
+    b may also come from `act_quant` (b_s [N, ceil(K / bs)], one scale per 1 x bs tile of each row): the
+    weight-gradient GEMM of FP8 training, whose operands are both activations or gradients.
     """
     _check_tensor(a_q, "a_q", (FP8,))
     _check_tensor(a_s, "a_s", (torch.float32,))
@@ -231,8 +245,10 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
     _check_shape(a_s, "a_s", (*a_q.shape[:-1], cdiv(K, block_size)), f"one scale per 1 x {block_size} tile of a_q")
     if b_q.dim() != 2 or b_q.shape[1] != K:
         raise ValueError(f"b_q must be [N, K] with K = {K} (the last dimension of a_q), got {tuple(b_q.shape)}")
-    _check_shape(b_s, "b_s", block_scale_shape(b_q.shape, block_size),
-                 f"one scale per {block_size} x {block_size} block of b_q")
+    if tuple(b_s.shape) != (b_q.shape[0], cdiv(K, block_size)):  # else: 1 x bs tiles, from act_quant
+        _check_shape(b_s, "b_s", block_scale_shape(b_q.shape, block_size),
+                     f"one scale per {block_size} x {block_size} block of b_q, or [N, ceil(K / {block_size})] "
+                     f"for 1 x {block_size} tiles")
     device = _check_devices(a_q=a_q, a_s=a_s, b_q=b_q, b_s=b_s)
     return _impl("fp8_gemm", device)(a_q, a_s, b_q, b_s, block_size, out_dtype)
 

@@ -21,7 +21,9 @@ fp8_gemm  C [M, N] = A [M, K] . B [N, K]^T
     (rows of A, K contiguous) and a B tile [128, BLOCK_N] (rows of B read as columns, K still contiguous,
     the K-major layout FP8 tensor cores want), takes their FP8 x FP8 product with tl.dot into a fresh
     float32 partial, and only then applies the scales: partial * a_s[:, None] * b_s[None, :], a_s being
-    the BLOCK_M per-token scales of this K step and b_s the scale of each column's 128-row weight block.
+    the BLOCK_M per-token scales of this K step and b_s the scale of each column's 128-row weight block
+    (or, with B_ROW_SCALES, each column's own scale of this K step: B quantized in 1 x 128 tiles, the
+    weight-gradient GEMM of FP8 training, where both operands are activations or gradients).
     The scaled partial is added to a float32 accumulator. That is DeepSeek-V3's promotion: the tensor core
     accumulates at most 128 products at its limited internal precision before the sum moves to float32.
     Loads are masked past M, N and K (a partial last step contributes zeros).
@@ -45,7 +47,6 @@ from .reference import AMAX_FLOOR, FP8, FP8_MAX, cdiv
 NAN_CODE = tl.constexpr(0x7F)  # E4M3 NaN, stored as a byte: the interpreter's float32 -> fp8 cast never gives it
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + this - this is v rounded to an integer, ties to even
 _FP8_MAX = tl.constexpr(FP8_MAX)
-_AMAX_FLOOR = tl.constexpr(AMAX_FLOOR)
 
 
 @triton.jit
@@ -81,9 +82,9 @@ def _nonfinite(x):
 
 
 @triton.jit
-def _scale(amax, bad):
+def _scale(amax, bad, amax_floor):
     """Per-tile scale: amax / 448 with amax floored; NaN where the tile held a non-finite value."""
-    s = tl.div_rn(tl.maximum(amax, _AMAX_FLOOR), _FP8_MAX)
+    s = tl.div_rn(tl.maximum(amax, amax_floor), _FP8_MAX)
     return tl.where(bad, float("nan"), s)
 
 
@@ -99,7 +100,7 @@ def _quantize(x, s, bad):
 
 
 @triton.jit
-def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NK, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NK, amax_floor, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_m, pid_k = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # [BLOCK_M]
     cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)  # [BLOCK_K]
@@ -107,7 +108,7 @@ def _act_quant_kernel(x_ptr, q_ptr, s_ptr, M, K, NK, BLOCK_M: tl.constexpr, BLOC
     offs = rows[:, None].to(tl.int64) * K + cols[None, :]
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_M, BLOCK_K]
     bad = tl.max(_nonfinite(x), axis=1) > 0  # [BLOCK_M]
-    s = _scale(tl.max(tl.abs(x), axis=1), bad)  # [BLOCK_M], one scale per row of the tile
+    s = _scale(tl.max(tl.abs(x), axis=1), bad, amax_floor)  # [BLOCK_M], one scale per row of the tile
     tl.store(q_ptr + offs, _quantize(x, s[:, None], bad[:, None]), mask=mask)
     tl.store(s_ptr + rows * NK + pid_k, s, mask=rows < M)
 
@@ -125,11 +126,11 @@ def _weight_block(N, K, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, BLOCK: tl.constexpr):
+def _weight_quant_kernel(w_ptr, q_ptr, s_ptr, N, K, amax_floor, BLOCK: tl.constexpr):
     offs, mask, scale_idx = _weight_block(N, K, BLOCK)
     w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK, BLOCK]
     bad = tl.max(tl.max(_nonfinite(w), axis=1), axis=0) > 0
-    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), bad)  # one scale for the whole block
+    s = _scale(tl.max(tl.max(tl.abs(w), axis=1), axis=0), bad, amax_floor)  # one scale for the whole block
     tl.store(q_ptr + offs, _quantize(w, s, bad), mask=mask)
     tl.store(s_ptr + scale_idx, s)
 
@@ -144,7 +145,7 @@ def _weight_dequant_kernel(q_ptr, s_ptr, w_ptr, N, K, BLOCK: tl.constexpr):
 
 @triton.jit
 def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K, NK,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, B_ROW_SCALES: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of A and C
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)  # rows of B, columns of C
@@ -153,7 +154,10 @@ def _fp8_gemm_kernel(a_ptr, a_s_ptr, b_ptr, b_s_ptr, c_ptr, M, N, K, NK,
     a_ptrs = a_ptr + rows[:, None].to(tl.int64) * K + ks[None, :]  # [BLOCK_M, BLOCK_K]
     b_ptrs = b_ptr + cols[None, :].to(tl.int64) * K + ks[:, None]  # [BLOCK_K, BLOCK_N]
     a_s_ptrs = a_s_ptr + rows * NK  # [BLOCK_M]: this row's scale of K step 0
-    b_s_ptrs = b_s_ptr + (cols // BLOCK_K) * NK  # [BLOCK_N]: this column's weight block, K step 0
+    if B_ROW_SCALES:
+        b_s_ptrs = b_s_ptr + cols * NK  # [BLOCK_N]: this column's own 1 x BLOCK_K tile, K step 0
+    else:
+        b_s_ptrs = b_s_ptr + (cols // BLOCK_K) * NK  # [BLOCK_N]: this column's weight block, K step 0
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for step in range(NK):
         k_ok = ks < K - step * BLOCK_K
@@ -179,7 +183,8 @@ def _gemm_config(M: int) -> dict:
     return dict(BLOCK_M=min(64, max(16, triton.next_power_of_2(M))), BLOCK_N=128, num_warps=4, num_stages=3)
 
 
-def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, block_size: int = 128,
+              amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.contiguous()
     K = x.shape[-1]
     M, NK = x.numel() // K, cdiv(K, block_size)
@@ -187,12 +192,13 @@ def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, tor
     s = torch.empty(*x.shape[:-1], NK, dtype=torch.float32, device=x.device)
     if M:
         block_m = _rows_per_program(M)
-        _act_quant_kernel[(cdiv(M, block_m), NK)](x, q.view(torch.uint8), s, M, K, NK,
+        _act_quant_kernel[(cdiv(M, block_m), NK)](x, q.view(torch.uint8), s, M, K, NK, amax_floor,
                                                  BLOCK_M=block_m, BLOCK_K=block_size)
     return q, s
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, block_size: int = 128,
+                 amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     w = w.contiguous()
     N, K = w.shape[-2:]
     batch = w.numel() // max(N * K, 1)
@@ -200,7 +206,7 @@ def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, 
     q = torch.empty(w.shape, dtype=FP8, device=w.device)
     s = torch.empty(*w.shape[:-2], *grid[:2], dtype=torch.float32, device=w.device)
     if w.numel():
-        _weight_quant_kernel[grid](w, q.view(torch.uint8), s, N, K, BLOCK=block_size)
+        _weight_quant_kernel[grid](w, q.view(torch.uint8), s, N, K, amax_floor, BLOCK=block_size)
     return q, s
 
 
@@ -224,5 +230,6 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
     if c.numel():
         cfg = _gemm_config(M)
         grid = (cdiv(M, cfg["BLOCK_M"]), cdiv(N, cfg["BLOCK_N"]))
-        _fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, NK, BLOCK_K=block_size, **cfg)
+        row_scales = b_s.shape[0] != cdiv(N, block_size)  # [N, NK] rather than [ceil(N / bs), NK]
+        _fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, NK, BLOCK_K=block_size, B_ROW_SCALES=row_scales, **cfg)
     return c

@@ -8,7 +8,7 @@ Conventions shared with the kernels:
 
 - Scales are multipliers: x ≈ q * s. `weight_dequant` multiplies by `s`, exactly what the published
   checkpoints call `weight_scale_inv`.
-- s = max(amax, AMAX_FLOOR) / 448 per tile; q = round_e4m3(clamp(x / s, -448, 448)) with round-to-nearest-even.
+- s = max(amax, AMAX_FLOOR) / 448 per tile (or another amax_floor given to act_quant / weight_quant); q = round_e4m3(clamp(x / s, -448, 448)) with round-to-nearest-even.
 - Sizes that are not a multiple of the block: the last tile is partial (ceil division, zero padding does
   not change amax), so an activation of width K has ceil(K / 128) scales and a 576 x 7168 weight has 5 x 56.
 - A tile holding NaN or ±Inf gets a NaN scale and NaN codes (0x7F); other tiles are unaffected. Anything
@@ -17,6 +17,8 @@ Conventions shared with the kernels:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
@@ -24,7 +26,8 @@ FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0  # largest finite E4M3 value
 # Tiles whose largest magnitude is below this are scaled as if it were this: an all-zero tile gets a finite
 # scale instead of 0/0. 1e-4 is what DeepSeek's released kernels use; 1e-4 / 448 still leaves such tiny
-# tiles a few significant bits.
+# tiles a few significant bits. act_quant and weight_quant take another floor for tensors of smaller values (FP8
+# training's gradients, of order 1 / tokens, use 1e-12).
 AMAX_FLOOR = 1e-4
 
 
@@ -43,18 +46,24 @@ def to_e4m3(y: torch.Tensor) -> torch.Tensor:
     return y.to(FP8)
 
 
-def _tile_scales(tiles: torch.Tensor, dims: tuple[int, ...]) -> torch.Tensor:
+def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
+    """t with its last dimension zero-padded to `size` (t itself when it is already that long)."""
+    return t if t.shape[-1] == size else F.pad(t, (0, size - t.shape[-1]))
+
+
+def _tile_scales(tiles: torch.Tensor, dims: tuple[int, ...], amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
     """One scale per tile of float32, zero-padded `tiles`, each tile spanning `dims`."""
-    amax = tiles.abs().amax(dim=dims).clamp_min(AMAX_FLOOR)
-    return torch.where(tiles.isfinite().all(dim=dims), amax / FP8_MAX, float("nan"))
+    amax = tiles.abs().amax(dim=dims)  # NaN if the tile holds a NaN, inf if an inf
+    return torch.where(amax.isfinite(), amax.clamp_min(amax_floor) / FP8_MAX, float("nan"))
 
 
-def act_quant(x: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def act_quant(x: torch.Tensor, block_size: int = 128,
+              amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., K] -> q [..., K] E4M3, s [..., ceil(K / block_size)] float32 (1 x block_size tiles)."""
     K = x.shape[-1]
     nk = cdiv(K, block_size)
-    tiles = F.pad(x.float(), (0, nk * block_size - K)).unflatten(-1, (nk, block_size))  # [..., nk, bs]
-    s = _tile_scales(tiles, (-1,))  # [..., nk]
+    tiles = _pad_last(x.float(), nk * block_size).unflatten(-1, (nk, block_size))  # [..., nk, bs]
+    s = _tile_scales(tiles, (-1,), amax_floor)  # [..., nk]
     q = to_e4m3(tiles / s[..., None]).flatten(-2)[..., :K]
     return q, s
 
@@ -75,10 +84,11 @@ def _unblock(blocks: torch.Tensor, N: int, K: int) -> torch.Tensor:
     return blocks.flatten(-2).flatten(-3, -2)[..., :N, :K].contiguous()
 
 
-def weight_quant(w: torch.Tensor, block_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+def weight_quant(w: torch.Tensor, block_size: int = 128,
+                 amax_floor: float = AMAX_FLOOR) -> tuple[torch.Tensor, torch.Tensor]:
     """w [..., N, K] -> q [..., N, K] E4M3, s [..., ceil(N / bs), ceil(K / bs)] float32 (bs x bs blocks)."""
     blocks = _block_view(w, block_size)  # [..., nN, bs, nK, bs]
-    s = _tile_scales(blocks, (-3, -1))  # [..., nN, nK]
+    s = _tile_scales(blocks, (-3, -1), amax_floor)  # [..., nN, nK]
     q = to_e4m3(blocks / s[..., :, None, :, None])
     return _unblock(q, *w.shape[-2:]), s
 
@@ -94,17 +104,22 @@ def fp8_gemm(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch
              block_size: int = 128, out_dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """(a_q * a_s) @ (b_q * b_s)^T for a_q [..., K], b_q [N, K] -> [..., N] in `out_dtype`.
 
+    b_s holds 128 x 128 block scales [ceil(N / bs), ceil(K / bs)] (a weight) or 1 x 128 tile scales [N, ceil(K / bs)]
+    (`act_quant` of b's rows: FP8 training's weight-gradient GEMM); for N = 1 the two are the same.
     The kernel adds one scaled partial product per 128-wide K step; because each scale is constant over such
     a step, dequantizing first and doing one float32 matmul is the same sum (up to float32 rounding order).
     """
     a = act_dequant(a_q, a_s, block_size)
-    b = weight_dequant(b_q, b_s, block_size, torch.float32)
+    row_scales = b_s.shape[0] != cdiv(b_q.shape[0], block_size)
+    b = act_dequant(b_q, b_s, block_size) if row_scales else weight_dequant(b_q, b_s, block_size, torch.float32)
     return (a @ b.T).to(out_dtype)
 
 
 def act_dequant(q: torch.Tensor, s: torch.Tensor, block_size: int = 128) -> torch.Tensor:
     """Inverse of `act_quant` in float32: q [..., K], s [..., ceil(K / bs)] -> [..., K]."""
-    return (q.float() * s.repeat_interleave(block_size, dim=-1)[..., : q.shape[-1]])
+    K, nk = q.shape[-1], s.shape[-1]
+    tiles = _pad_last(q.float(), nk * block_size).unflatten(-1, (nk, block_size))  # [..., nk, bs]
+    return (tiles * s[..., None]).flatten(-2)[..., :K]
 
 
 def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
@@ -139,18 +154,23 @@ def moe_align_block_size(topk_ids: torch.Tensor, block_size: int,
 
 def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights: torch.Tensor,
               topk_ids: torch.Tensor, *, w1_scale: torch.Tensor | None = None, w2_scale: torch.Tensor | None = None,
-              block_size: int = 128, compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+              block_size: int = 128, compute_dtype: torch.dtype = torch.float32,
+              gemm: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """y[t] = sum_j topk_weights[t, j] * W2[e] (silu(W_gate[e] x[t]) * W_up[e] x[t]), e = topk_ids[t, j].
 
     x [T, H], w1 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_* [T, k] -> y [T, H] in x.dtype.
     A loop over experts in `compute_dtype`, differentiable (the library's grouped experts are tested against it). With FP8
     weights (w1_scale / w2_scale given) it reproduces the w8a8 kernel's quantization points: weights dequantized
     from their block_size x block_size blocks, and the input and the SwiGLU output (in x.dtype, as the kernel stores it) quantized per token in 1 x block_size tiles.
+    gemm(a [n, in], w [out, in]) -> a w^T [n, out], if given, computes every expert's two products instead (w is
+    one expert's slice of w1 or w2): FP8 training passes its block-scaled GEMM with an FP8 backward.
     """
     fp8 = w1_scale is not None
     T, k = topk_ids.shape
 
     def linear(a: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor | None) -> torch.Tensor:
+        if gemm is not None:
+            return gemm(a, w)
         if fp8:
             a = act_dequant(*act_quant(a, block_size), block_size)
             w = weight_dequant(w, w_scale, block_size, compute_dtype)

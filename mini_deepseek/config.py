@@ -58,6 +58,7 @@ class ModelConfig:
     norm_topk_prob: bool = True  # normalize the chosen k gating weights to sum to one (V3 yes, V2-Lite no)
     bias_update_speed: float = 0.001  # gamma of auxiliary-loss-free balancing (0 freezes the bias)
     seq_aux_alpha: float = 0.0001  # alpha of the complementary sequence-wise balance loss (0 disables it)
+    aux_loss_alpha: float = 0.0  # alpha of the classic expert-level balance loss over the whole batch (V2; 0 = off)
 
     # --- multi-token prediction --------------------------------------------------------------------------------
     n_mtp_modules: int = 1  # sequential MTP modules (depth D); V3 uses 1
@@ -98,7 +99,7 @@ class ModelConfig:
         for name in ["norm_eps", "init_std", "rope_theta", "rope_factor", "route_scale"]:
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) > 0):
                 fail(name, "must be a positive number")
-        for name in ["bias_update_speed", "seq_aux_alpha", "mtp_loss_weight", "mscale", "mscale_all_dim"]:
+        for name in ["bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mtp_loss_weight", "mscale", "mscale_all_dim"]:
             if not (isinstance(getattr(self, name), (int, float)) and getattr(self, name) >= 0):
                 fail(name, "must be a non-negative number")
         if self.n_dense_layers > self.n_layers:
@@ -304,7 +305,7 @@ _HF_YARN_CHECKED = ("attention_factor", "truncate")
 
 # Our fields with no Hugging Face name, kept in config.json under "mini_deepseek" (transformers ignores the key).
 _COURSE_KEY = "mini_deepseek"
-_COURSE_FIELDS = ("mla_mode", "bias_update_speed", "seq_aux_alpha", "mtp_loss_weight")
+_COURSE_FIELDS = ("mla_mode", "bias_update_speed", "seq_aux_alpha", "aux_loss_alpha", "mtp_loss_weight")
 
 
 def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
@@ -363,15 +364,14 @@ def hf_to_fields(hf: dict[str, Any]) -> dict[str, Any]:
     # default, even for a 4-head model): dropped here, written afresh by to_hf.
     # DeepSeek's own modeling code (MoEGate) weighs its balance loss by aux_loss_alpha: the sequence-wise loss when
     # seq_aux is true (its default, and what the published V2 and V3 configs say), which is our seq_aux_alpha; with
-    # seq_aux false, DeepSeek-V2's expert-level loss over the whole batch, which ModelConfig has no field for.
+    # seq_aux false, DeepSeek-V2's expert-level loss over the whole batch, which is our aux_loss_alpha.
     # (The published V3 config.json says 0.001, V2's value; the V3 report gives alpha = 0.0001, the "v3" preset.)
+    # Our own fields, under the "mini_deepseek" key below, take precedence over both.
     alpha = hf.get("aux_loss_alpha")
     if alpha is not None and hf.get("seq_aux", True):
         fields["seq_aux_alpha"] = float(alpha)
-    elif alpha:
-        raise ValueError(f"config.json aux_loss_alpha = {alpha} with seq_aux = false asks for DeepSeek-V2's "
-                         "batch-wise expert-level balance loss, which ModelConfig does not have (seq_aux_alpha is "
-                         "the sequence-wise loss)")
+    elif alpha is not None:
+        fields["aux_loss_alpha"] = float(alpha)
     course = hf.get(_COURSE_KEY) or {}
     unknown = sorted(set(course) - set(_COURSE_FIELDS))
     if unknown:

@@ -219,6 +219,52 @@ def text_files_corpus(paths: str | os.PathLike | Sequence[str | os.PathLike],
     return text
 
 
+def prose_corpus(max_bytes: int | None = 1_000_000) -> str:
+    """English prose already on this machine: the Python documentation topics that pydoc shows (the language
+    reference, about 750 KB, shipped as strings in pydoc_data/topics.py), then the standard library's *.txt files
+    (licence, IDLE's news and help). Stops after max_bytes bytes of UTF-8 (None: all of it)."""
+    from pydoc_data.topics import topics
+
+    documentation = "".join(topics[name].rstrip() + "\n\n" for name in sorted(topics))
+    if max_bytes is not None and len(documentation.encode("utf-8")) >= max_bytes:
+        return documentation.encode("utf-8")[:max_bytes].decode("utf-8", errors="ignore")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rest = None if max_bytes is None else max_bytes - len(documentation.encode("utf-8"))
+    return documentation + _read_texts(_walk(root, (".txt",), skip_dirs=_STDLIB_SKIP_DIRS), rest)
+
+
+DOMAINS = ("code", "arithmetic", "prose")
+
+
+def mixed_corpus(bytes_per_domain: int = 300_000, chunk_bytes: int = 2048, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte tokens of three kinds of text, cut into chunks of about chunk_bytes (at line ends) and shuffled
+    together, with the domain of every token: (tokens [n] int64, domains [n] int64 indexing DOMAINS).
+
+    code: the standard library's *.py sources; arithmetic: worked problems (arithmetic_text); prose: the
+    Python documentation (prose_corpus). Each domain gives about bytes_per_domain bytes. The order of the chunks
+    is drawn from random.Random(seed), so the train and val splits of a TokenDataset(tokens) both hold all three.
+    """
+    if bytes_per_domain < chunk_bytes or chunk_bytes < 1:
+        raise ValueError(f"need 1 <= chunk_bytes <= bytes_per_domain, got {chunk_bytes} and {bytes_per_domain}")
+    n_problems = bytes_per_domain // 20  # a problem with its worked steps is 25-60 bytes: more than enough
+    sources = {"code": stdlib_corpus(bytes_per_domain, include_docs=False),
+               "arithmetic": arithmetic_text(n_problems, seed=seed), "prose": prose_corpus(bytes_per_domain)}
+    chunks: list[tuple[int, bytes]] = []
+    for domain, text in sources.items():
+        data = text.encode("utf-8")[:bytes_per_domain]
+        start = 0
+        while start < len(data):
+            cut = data.find(b"\n", start + chunk_bytes)  # end chunks at a line end: never inside a character
+            end = len(data) if cut < 0 else cut + 1
+            chunks.append((DOMAINS.index(domain), data[start:end]))
+            start = end
+    random.Random(seed).shuffle(chunks)
+    tokens = torch.tensor(list(b"".join(data for _, data in chunks)), dtype=torch.long)
+    domains = torch.cat([torch.full((len(data),), domain, dtype=torch.long) for domain, data in chunks])
+    return tokens, domains
+
+
 # ----------------------------------------------------------------------------------------------------------------
 # Token batches
 

@@ -136,11 +136,14 @@ class DeepSeekV3(nn.Module):
 
     # --- training ----------------------------------------------------------------------------------------------
     def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
-        """Next-token loss + mtp_loss_weight * mean MTP loss + sequence-wise balance loss.
+        """Next-token loss + mtp_loss_weight * mean MTP loss + the balance losses that are switched on.
 
-        Targets of -100 are ignored everywhere: in the cross-entropies and in the routing statistics (the load the
-        bias update reads, and the balance loss). An MTP depth with no target left (all -100, or T <= k) adds
-        nothing: the MTP loss is the mean over the depths that have targets, and is absent if none has.
+        Returns (total, parts): parts holds each term by name as a float, "lm", "mtp" (before its weight),
+        "seq_balance" (sequence-wise, seq_aux_alpha) and "expert_balance" (expert-level, aux_loss_alpha); a term
+        that is off (or has no target to count) is absent. Targets of -100 are ignored everywhere: in the
+        cross-entropies and in the routing statistics (the load the bias update reads, and both balance losses).
+        An MTP depth with no target left (all -100, or T <= k) adds nothing: the MTP loss is the mean over the
+        depths that have targets, and is absent if none has.
         """
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
@@ -162,13 +165,14 @@ class DeepSeekV3(nn.Module):
             total = total + self.config.mtp_loss_weight * mtp
             parts["mtp"] = mtp.item()
         gates = self.gates()
-        balance = [g.balance_loss for g in gates if g.balance_loss is not None]
-        for gate in gates:
-            gate.balance_loss = None  # handed over: the module keeps no reference to this step's graph
-        if balance:
-            balance_loss = torch.stack(balance).sum()
-            total = total + balance_loss
-            parts["balance"] = balance_loss.item()
+        for name, attribute in (("seq_balance", "balance_loss"), ("expert_balance", "expert_balance_loss")):
+            losses = [getattr(g, attribute) for g in gates if getattr(g, attribute) is not None]
+            for gate in gates:
+                setattr(gate, attribute, None)  # handed over: the module keeps no reference to this step's graph
+            if losses:  # summed over the MoE layers (main model and MTP modules), each already times its alpha
+                layer_sum = torch.stack(losses).sum()
+                total = total + layer_sum
+                parts[name] = layer_sum.item()
         return total, parts
 
     def gates(self) -> list[Gate]:

@@ -11,6 +11,9 @@ The gate (DeepSeek-V3 eqs. 13-16, and section 2.1.2 "Auxiliary-Loss-Free Load Ba
 - after each training step b_i moves by gamma towards balance: down if expert i was overloaded, up if underloaded;
 - a complementary sequence-wise balance loss alpha * sum_i f_i P_i guards against extreme imbalance within one
   sequence.
+The classic alternative, DeepSeek-V2's expert-level auxiliary loss (section 2.2.1; Switch Transformer's load
+balancing loss), is the same alpha * sum_i f_i P_i over all tokens of the batch (`aux_loss_alpha`). It can replace
+the bias or run beside it.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ class Gate(nn.Module):
         self.n_groups, self.topk_groups = cfg.n_expert_groups, cfg.n_limited_groups
         self.score_func, self.route_scale, self.norm_topk_prob = cfg.score_func, cfg.route_scale, cfg.norm_topk_prob
         self.bias_update_speed, self.seq_aux_alpha = cfg.bias_update_speed, cfg.seq_aux_alpha
+        self.aux_loss_alpha = cfg.aux_loss_alpha
         self.weight = nn.Parameter(torch.empty(cfg.n_routed_experts, cfg.dim))
         # A buffer, not a parameter: the bias is moved by the balancing rule, never by gradients. V2's softmax
         # gate has none (and neither do its checkpoints).
@@ -42,6 +46,7 @@ class Gate(nn.Module):
         self.register_buffer("e_score_correction_bias", bias)
         self.last_load: torch.Tensor | None = None  # tokens routed per expert in the last forward, [E]
         self.balance_loss: torch.Tensor | None = None  # sequence-wise balance loss of the last training forward
+        self.expert_balance_loss: torch.Tensor | None = None  # expert-level auxiliary loss of the last training forward
 
     def _apply(self, fn, recurse: bool = True):
         """Module.to(dtype), .half() and .bfloat16() cast every floating buffer; the routing bias stays float32 (only
@@ -60,7 +65,8 @@ class Gate(nn.Module):
         counted [N] bool: the tokens that enter the routing statistics (last_load, which the bias update reads,
         and the sequence-wise loss); padding and positions whose target is -100 do not. None: every token.
         """
-        logits = F.linear(x.float(), self.weight.float())  # routing in float32, as the reference does
+        with torch.autocast(x.device.type, enabled=False):  # routing in float32, as the reference does, even under
+            logits = F.linear(x.float(), self.weight.float())  # autocast (DeepSeek-V3 keeps the gate out of BF16/FP8)
         scores = logits.sigmoid() if self.score_func == "sigmoid" else logits.softmax(dim=-1)  # [N, E]
         bias = self.e_score_correction_bias
         biased = scores if bias is None else scores + bias
@@ -76,6 +82,8 @@ class Gate(nn.Module):
             self.last_load = torch.bincount(routed.flatten(), minlength=self.n_experts).float()
         self.balance_loss = self._sequence_balance_loss(scores, seq_len, counted) \
             if self.training and self.seq_aux_alpha > 0 else None
+        self.expert_balance_loss = self._expert_balance_loss(scores, indices, counted) \
+            if self.training and self.aux_loss_alpha > 0 else None
         return weights.to(x.dtype), indices
 
     def _mask_groups(self, biased: torch.Tensor) -> torch.Tensor:
@@ -113,6 +121,26 @@ class Gate(nn.Module):
         if not bool(has_tokens.any()):
             return None
         return self.seq_aux_alpha * (f * P).sum(dim=-1)[has_tokens].mean()
+
+    def _expert_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor,
+                             counted: torch.Tensor | None) -> torch.Tensor | None:
+        """alpha * sum_i f_i P_i over the N counted tokens of the batch (DeepSeek-V2 eqs. 21-23, expert-level).
+
+        f_i = E / (k N) * (tokens routed to expert i): 1 for every expert under perfect balance. It counts the
+        experts actually chosen (with the bias, when both methods run), and is a constant: the gradient flows
+        through P_i = mean affinity of expert i, normalized over all experts as the sequence-wise loss does (V2's
+        softmax scores already sum to one). It falls when the affinities of the overloaded experts fall. None when
+        no token is counted.
+        """
+        if counted is not None:
+            scores, indices = scores[counted], indices[counted]
+        N, E = scores.shape
+        if N == 0:
+            return None
+        probs = scores / scores.sum(dim=-1, keepdim=True)  # [N, E]
+        counts = torch.bincount(indices.flatten(), minlength=E).to(probs.dtype)  # [E], no gradient (top-k)
+        f = counts * E / (self.topk * N)  # [E]
+        return self.aux_loss_alpha * (f * probs.mean(dim=0)).sum()
 
     @torch.no_grad()
     def update_bias(self) -> None:
@@ -154,7 +182,7 @@ class RoutedExperts(nn.Module):
         gate, up = grouped_matmul(x[token], self.w_gate_up, ends).chunk(2, dim=-1)  # [N*k, I] each
         out = grouped_matmul(F.silu(gate) * up, self.w_down, ends)  # [N*k, dim]
         out = out * weights.flatten()[pair, None]  # scaled by each pair's gating weight
-        return torch.zeros_like(x).index_add_(0, token, out)  # y[token] += out, summing each token's k experts
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # y[token] += out, over its k experts
 
 
 def grouped_matmul(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:

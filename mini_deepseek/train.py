@@ -13,7 +13,7 @@ saved or a pure function of the step number:
 Checkpoints hold safetensors and JSON only. torch.save pickles, and unpickling a file can run arbitrary code.
 
 The model is trained through three methods (mini_deepseek.model.DeepSeekV3 has them):
-    loss, parts = model.loss(input_ids, targets)  # parts: {"lm": float, "mtp": ..., "balance": ...}
+    loss, parts = model.loss(input_ids, targets)  # parts: {"lm": float, "mtp": ..., "seq_balance": ...}
     model.update_routing_bias()                   # auxiliary-loss-free balancing, after each optimizer step
     model.expert_load()                           # [n_moe_layers, n_routed_experts] tokens per expert, or None
 """
@@ -74,8 +74,12 @@ class TrainConfig:
 
 @dataclass
 class History:
-    train: list[dict[str, float]] = field(default_factory=list)  # one record per optimizer step
-    evals: list[dict[str, float]] = field(default_factory=list)  # one record per evaluation
+    """Per step: loss and its parts, lr, grad_norm, tokens_per_s and, for MoE models, maxvio (MaxVio_batch) and
+    expert_load (tokens per expert per MoE layer). Per evaluation: val_loss and its parts and, for MoE models,
+    val_maxvio_global, val_maxvio_batch and val_expert_load (see evaluate)."""
+
+    train: list[dict[str, Any]] = field(default_factory=list)  # one record per optimizer step
+    evals: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         """(steps, values) of one metric for plotting, e.g. plt.plot(*history.series("loss")); val_* keys
@@ -105,24 +109,35 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def max_violation(expert_load: torch.Tensor) -> float:
-    """MaxVio (Wang et al., 2024): max_i load_i / mean load - 1 per MoE layer, averaged over layers.
-    0 is perfect balance; 1 means the busiest expert gets twice its fair share."""
+    """MaxVio (Wang et al., 2024, arXiv 2408.15664): max_i load_i / mean load - 1 per MoE layer, averaged over
+    layers. 0 is perfect balance; 1 means the busiest expert gets twice its fair share. Given one batch's load it
+    is MaxVio_batch; given the load summed over a whole validation set, MaxVio_global."""
     load = expert_load.float()  # [n_moe_layers, n_routed_experts]
     return (load.amax(dim=-1) / load.mean(dim=-1).clamp_min(1e-9) - 1).mean().item()
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig) -> dict[str, float]:
-    """Mean loss (and its parts) over cfg.eval_batches fixed batches of the val split."""
+def evaluate(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig) -> dict[str, Any]:
+    """Mean loss (and its parts) over cfg.eval_batches fixed batches of the val split, and for MoE models the
+    load statistics over those batches: val_expert_load [n_moe_layers][n_routed_experts] tokens summed over
+    all of them, val_maxvio_global (MaxVio of that sum) and val_maxvio_batch (mean of each batch's MaxVio)."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    totals: dict[str, float] = {}
+    totals: dict[str, Any] = {}
+    load_sum, batch_maxvio = None, 0.0
     for i in range(cfg.eval_batches):
         x, y = dataset.get_batch(i, cfg.batch_size, cfg.seq_len, split="val")
         loss, parts = model.loss(x.to(device), y.to(device))
         for key, value in {"val_loss": loss.item(), **{f"val_{k}_loss": v for k, v in parts.items()}}.items():
             totals[key] = totals.get(key, 0.0) + value / cfg.eval_batches
+        load = model.expert_load()
+        if load is not None:
+            load_sum = load if load_sum is None else load_sum + load
+            batch_maxvio += max_violation(load) / cfg.eval_batches
+    if load_sum is not None:
+        totals.update(val_maxvio_global=max_violation(load_sum), val_maxvio_batch=batch_maxvio,
+                      val_expert_load=load_sum.int().tolist())
     model.train(was_training)
     return totals
 
@@ -133,13 +148,14 @@ _HARMLESS_FIELDS = {"eval_every", "eval_batches", "log_every", "checkpoint_every
 
 def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
           callback: Callable[[History], None] | None = None, resume_from: str | os.PathLike | None = None,
-          stop_at_step: int | None = None) -> History:
+          stop_at_step: int | None = None, progress: bool = True) -> History:
     """Train model on dataset for cfg.steps steps and return the history.
 
     resume_from: a checkpoint folder to continue from (see latest_checkpoint); with the same cfg, the later
     losses are exactly those of an uninterrupted run. stop_at_step: stop (and save, if cfg.out_dir) after this
     step while the schedule still spans cfg.steps, as an interruption would. callback(history) runs every
-    cfg.log_every steps, e.g. to redraw a live loss plot.
+    cfg.log_every steps, e.g. to redraw a live loss plot. progress=False hides the progress bar (e.g. when a
+    grid of runs shows one bar of its own).
     """
     device = next(model.parameters()).device
     optimizer = make_optimizer(model, cfg)
@@ -159,7 +175,7 @@ def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
     loss_fn = MaybeCompiled(model.loss, device, "TrainConfig(compile=True)") if cfg.compile else model.loss
     tokens_per_step = cfg.batch_size * cfg.seq_len
     window_loss, window_time, window_steps = 0.0, 0.0, 0
-    with progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step") as bar:
+    with progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress) as bar:
         for step in range(start_step + 1, last_step + 1):
             started = time.perf_counter()
             lr = lr_at(step, cfg)
@@ -174,9 +190,10 @@ def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
             model.update_routing_bias()
             record = {"step": step, "loss": loss.item(), **{f"{k}_loss": v for k, v in parts.items()},
                       "lr": lr, "grad_norm": grad_norm.item()}
-            load = model.expert_load()
+            load = model.expert_load()  # this step's batch, routed with the biases before this step's update
             if load is not None:
-                record["maxvio"] = max_violation(load)
+                record["maxvio"] = max_violation(load)  # MaxVio_batch
+                record["expert_load"] = load.int().tolist()  # [n_moe_layers][n_routed_experts] tokens
             elapsed = time.perf_counter() - started  # .item() above waited for the device
             record["tokens_per_s"] = tokens_per_step / elapsed
             history.train.append(record)

@@ -146,7 +146,7 @@ MUTANTS: list[Mutant] = [
            "f = (in_topk.view(-1, seq_len, E) * w).sum(dim=1) / per_token",
            ("tests/test_model.py::test_sequence_balance_loss_matches_the_formula",)),
     Mutant("sequence-wise balance loss: P_i from affinities not normalized over the experts", "mini_deepseek/moe.py",
-           "probs = scores / scores.sum(dim=-1, keepdim=True)", "probs = scores",
+           "probs = scores / scores.sum(dim=-1, keepdim=True)  # s'_{i,t}", "probs = scores  # s'_{i,t}",
            ("tests/test_model.py::test_sequence_balance_loss_matches_the_formula",)),
     Mutant("routing statistics count padding and -100 targets", "mini_deepseek/moe.py",
            "routed = indices if counted is None else indices[counted]", "routed = indices",
@@ -179,6 +179,20 @@ MUTANTS: list[Mutant] = [
     Mutant("shared experts left out of the MoE output", "mini_deepseek/moe.py",
            "y = y + self.shared_experts(flat)", "y = y",
            ("tests/test_moe.py::test_moe_adds_the_shared_experts_to_the_routed_ones",)),
+    # --- load balancing: the expert-level auxiliary loss, MaxVio, expert parallelism (notebook 02) ------------
+    Mutant("expert-level aux loss: f_i = share of the slots, without the E / K factor", "mini_deepseek/moe.py",
+           "f = counts * E / (self.topk * N)", "f = counts / N",
+           ("tests/test_model.py::test_expert_balance_loss_is_alpha_at_uniform_affinities_and_pushes_overloaded_experts_down",
+            "tests/test_model.py::test_expert_balance_loss_matches_the_formula")),
+    Mutant("expert-level aux loss: P_i from affinities not normalized over the experts", "mini_deepseek/moe.py",
+           "probs = scores / scores.sum(dim=-1, keepdim=True)  # [N, E]", "probs = scores  # [N, E]",
+           ("tests/test_model.py::test_expert_balance_loss_matches_the_formula",)),
+    Mutant("MaxVio of the busiest layer instead of the mean over layers", "mini_deepseek/train.py",
+           "load.mean(dim=-1).clamp_min(1e-9) - 1).mean().item()", "load.mean(dim=-1).clamp_min(1e-9) - 1).amax().item()",
+           ("tests/test_train.py::test_max_violation",)),
+    Mutant("expert parallelism: each rank's bias update sees only its own tokens' load", "mini_deepseek/expert_parallel.py",
+           "            dist.all_reduce(self.gate.last_load, group=self.group)", "            pass",
+           ("tests/test_expert_parallel.py::test_expert_parallel_matches_one_process",)),
     # --- the expert loop (kernels.reference.fused_moe: the MoE layer's loop and the kernels' specification) ------
     Mutant("expert loop drops the routing weights", "kernels/reference.py",
            "y.index_add_(0, tokens, out * flat_weights[slots, None].to(compute_dtype))",
@@ -212,7 +226,7 @@ MUTANTS: list[Mutant] = [
            "b_s = tl.load(b_s_ptrs + step, mask=col_ok, other=0.0)", "b_s = tl.load(b_s_ptrs, mask=col_ok, other=0.0)",
            ("tests/kernels/test_fp8_kernels.py::test_ragged_shapes_use_partial_blocks",)),
     Mutant("FP8 quantization without the amax floor (an all-zero tile divides 0 by 0)", "kernels/fp8.py",
-           "tl.div_rn(tl.maximum(amax, _AMAX_FLOOR), _FP8_MAX)", "tl.div_rn(amax, _FP8_MAX)",
+           "tl.div_rn(tl.maximum(amax, amax_floor), _FP8_MAX)", "tl.div_rn(amax, _FP8_MAX)",
            ("tests/kernels/test_fp8_kernels.py::test_zero_tiles_get_finite_scale_and_zero_codes",)),
     Mutant("E4M3 rounding truncates instead of rounding to nearest even", "kernels/fp8.py",
            "rounded = ((steps + RNE_MAGIC) - RNE_MAGIC) * quantum", "rounded = tl.floor(steps) * quantum",
@@ -265,6 +279,18 @@ MUTANTS: list[Mutant] = [
     Mutant("DualPipe's bubble with zero-bubble's 2W instead of its own 3W", "mini_deepseek/pipeline/simulate.py",
            '"dualpipe": (P // 2 - 1) * (FB + B - 3 * W)', '"dualpipe": (P // 2 - 1) * (FB + B - 2 * W)',
            ("tests/test_pipeline.py::test_idle_time_equals_the_closed_form_on_every_device",)),
+    # --- FP8 training (notebook 04) ---
+    Mutant("FP8 Dgrad: the weight transposed but its block scales not", "mini_deepseek/fp8_training.py",
+           "w_t_q, w_t_s = w_q.T.contiguous(), w_s.T.contiguous()",
+           "w_t_q, w_t_s = w_q.T.contiguous(), w_s.contiguous()",
+           ("tests/test_fp8_training.py::test_gradients_equal_autograd_of_the_dequantized_arithmetic",)),
+    Mutant("FP8 gradients quantized with the activations' amax floor (small gradients lose bits)",
+           "mini_deepseek/fp8_training.py",
+           "dy_q, dy_s = ops.act_quant(dy, bs, GRAD_AMAX_FLOOR)", "dy_q, dy_s = ops.act_quant(dy, bs)",
+           ("tests/test_fp8_training.py::test_tiny_gradients_lose_nothing_to_the_amax_floor",)),
+    Mutant("accumulator promotion keeps the partial sum instead of restarting it", "mini_deepseek/fp8_numerics.py",
+           "total, acc = total + acc.float(), torch.zeros_like(acc)", "total, acc = total + acc.float(), acc * 0.5",
+           ("tests/test_fp8_numerics.py::test_round_to_bits_and_the_accumulator",)),
     # --- exercise solutions (the graded tests must tell these apart from the right answers) ---------------------
     Mutant("exercise rms_norm computed in bf16 (the docstring asks float32)", "solutions/ex00_basics.py",
            "    x32 = x.float()\n    normalized = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + eps)\n"
@@ -277,6 +303,13 @@ MUTANTS: list[Mutant] = [
            "(scores.float().masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool).triu(1), float('-inf'))"
            " if scores.shape[-2] > 1 else scores.float()).softmax(dim=-1)",
            ("tests/exercises/test_ex01_attention.py", SOLVED, "--exercise=mla_absorbed_attention")),
+    Mutant("exercise update_bias: sign flipped (overloaded experts pushed up)", "solutions/ex02_balancing.py",
+           "return bias + gamma * torch.sign(load.mean() - load)", "return bias + gamma * torch.sign(load - load.mean())",
+           ("tests/exercises/test_ex02_balancing.py", SOLVED, "--exercise=update_bias")),
+    Mutant("exercise sequence_balance_loss: f from the whole batch instead of each sequence",
+           "solutions/ex02_balancing.py",
+           "f = chosen.sum(dim=1) * E / (k * T)  # [B, E]", "f = chosen.sum(dim=(0, 1)) * E / (k * B * T)  # [E]",
+           ("tests/exercises/test_ex02_balancing.py", SOLVED, "--exercise=sequence_balance_loss")),
 ]
 
 

@@ -31,3 +31,10 @@ def test_kernel_benchmark_checks_correctness_on_the_cpu():
     out = run("-m", "kernels.bench", "--m", "1", "--reps", "1", env={"TRITON_INTERPRET": "1"})
     assert "MISMATCH" not in out and out.count("bit-identical") == 3, out
     assert "fp8_gemm" in out and "fused_moe" in out, out
+
+
+def test_fp8_training_benchmark_runs_both_precisions():
+    out = run("benchmarks/fp8_train_step.py", "--quick", "--reps", "1")
+    rows = [line for line in out.splitlines() if line.replace(" ", "").startswith(("|BF16|", "|FP8|"))]
+    assert "One Linear" in out and "One training step" in out, out
+    assert len(rows) == 2 and "nan" not in out, out

@@ -47,6 +47,7 @@ def test_v3_softmax_scale_has_the_yarn_correction():
         (dict(rope_factor=0.5), "rope_factor"),
         (dict(vocab_size=0), "vocab_size"),
         (dict(n_heads=2.5), "n_heads"),
+        (dict(aux_loss_alpha=-0.01), "aux_loss_alpha"),
     ],
 )
 def test_invalid_configs_name_the_field(changes, field):
@@ -94,7 +95,8 @@ def test_from_hf_rejects_other_models():
 
 
 def test_hf_config_round_trip_keeps_the_course_fields():
-    cfg = ModelConfig.preset("toy", mla_mode="absorb", bias_update_speed=0.01, seq_aux_alpha=0.0, mtp_loss_weight=0.1)
+    cfg = ModelConfig.preset("toy", mla_mode="absorb", bias_update_speed=0.01, seq_aux_alpha=0.0, mtp_loss_weight=0.1,
+                             aux_loss_alpha=0.003)
     back = ModelConfig.from_hf(json.loads(json.dumps(cfg.to_hf())))
     assert back.to_dict() == {**cfg.to_dict(), "extra": back.extra}
     with pytest.raises(ValueError, match="unknown fields"):
@@ -133,6 +135,10 @@ def test_from_hf_maps_aux_loss_alpha():
     assert ModelConfig.from_hf({k: v for k, v in hf_toy(aux_loss_alpha=0.002).items()
                                 if k != "mini_deepseek"}).seq_aux_alpha == 0.002
     assert "aux_loss_alpha" not in ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.001)).extra
-    with pytest.raises(ValueError, match="aux_loss_alpha = 0.001 with seq_aux = false"):
-        ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.001, seq_aux=False))
-    assert ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.0, seq_aux=False)).seq_aux_alpha == 0.0001  # no loss asked
+    # with seq_aux false it is DeepSeek-V2's expert-level loss over the whole batch: our aux_loss_alpha
+    batch_wise = ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.001, seq_aux=False))
+    assert batch_wise.aux_loss_alpha == 0.001 and batch_wise.seq_aux_alpha == 0.0001  # the latter: the default
+    assert ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.0, seq_aux=False)).aux_loss_alpha == 0.0
+    # our own fields under "mini_deepseek" win over the Hugging Face key
+    ours = ModelConfig.from_hf(hf_toy(aux_loss_alpha=0.001, seq_aux=False, mini_deepseek={"aux_loss_alpha": 0.02}))
+    assert ours.aux_loss_alpha == 0.02

@@ -4,12 +4,15 @@ import pytest
 import torch
 
 from mini_deepseek.data import (
+    DOMAINS,
     TokenDataset,
     arithmetic_problems,
     arithmetic_text,
     check_answer,
     extract_answer,
     make_problem,
+    mixed_corpus,
+    prose_corpus,
     stdlib_corpus,
     text_files_corpus,
 )
@@ -152,6 +155,32 @@ def test_dataset_errors():
         dataset.get_batch(0, 2, 4, split="test")
     with pytest.raises(ValueError, match="val_fraction"):
         TokenDataset(torch.arange(10), val_fraction=1.0)
+
+
+def test_mixed_corpus_labels_every_token_with_its_domain():
+    tokens, domains = mixed_corpus(bytes_per_domain=20_000, chunk_bytes=1000, seed=3)
+    assert tokens.shape == domains.shape and tokens.dtype == domains.dtype == torch.long
+    assert domains.bincount(minlength=3).tolist() == [20_000, 20_000, 20_000]
+    # the tokens labelled with a domain are that domain's source text, chunks shuffled: the same bytes as often
+    sources = {"code": stdlib_corpus(20_000, include_docs=False), "arithmetic": arithmetic_text(1000, seed=3),
+               "prose": prose_corpus(20_000)}
+    for index, name in enumerate(DOMAINS):
+        source = torch.tensor(list(sources[name].encode("utf-8")[:20_000]))
+        assert torch.equal(tokens[domains == index].bincount(minlength=256), source.bincount(minlength=256)), name
+    # chunks end at line ends (except the last of each domain, cut at 20,000 bytes)
+    changes = (domains[1:] != domains[:-1]).nonzero().flatten()
+    assert len(changes) > 20 and sum(tokens[i] != ord("\n") for i in changes.tolist()) <= len(DOMAINS)
+    again, _ = mixed_corpus(bytes_per_domain=20_000, chunk_bytes=1000, seed=3)
+    other, _ = mixed_corpus(bytes_per_domain=20_000, chunk_bytes=1000, seed=4)
+    assert torch.equal(tokens, again) and not torch.equal(tokens, other)
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        mixed_corpus(bytes_per_domain=100, chunk_bytes=1000)
+
+
+def test_prose_corpus_is_the_documentation_text():
+    prose = prose_corpus(max_bytes=50_000)
+    assert len(prose.encode("utf-8")) <= 50_000 and "def " not in prose[:200]
+    assert prose.count(" the ") > 100  # English prose, not code
 
 
 def test_batches_depend_on_the_dataset_seed():

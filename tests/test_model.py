@@ -129,7 +129,7 @@ def test_loss_combines_lm_mtp_and_balance_terms():
     x = ids(T=16)
     loss, parts = model.loss(x, x.roll(-1, dims=1))
     cfg = model.config
-    assert loss.item() == pytest.approx(parts["lm"] + cfg.mtp_loss_weight * parts["mtp"] + parts["balance"], rel=1e-5)
+    assert loss.item() == pytest.approx(parts["lm"] + cfg.mtp_loss_weight * parts["mtp"] + parts["seq_balance"], rel=1e-5)
     assert parts["lm"] == pytest.approx(math.log(264), abs=0.2)  # untrained: about uniform
     loss.backward()
     assert all(p.grad is not None for p in model.parameters())
@@ -139,8 +139,8 @@ def test_loss_combines_lm_mtp_and_balance_terms():
 
 def test_targets_of_minus_100_are_ignored_everywhere():
     """A batch whose last 4 targets are -100 gives the loss, every part of it and the routing load of the same batch
-    cut before them (positions are causal): the balance loss and the load count no masked position."""
-    model = tiny_model(n_mtp_modules=2, seq_aux_alpha=0.1).train()
+    cut before them (positions are causal): the balance losses and the load count no masked position."""
+    model = tiny_model(n_mtp_modules=2, seq_aux_alpha=0.1, aux_loss_alpha=0.1).train()
     x = ids(T=16)
     y = x.roll(-1, dims=1)
     masked = y.clone()
@@ -148,7 +148,7 @@ def test_targets_of_minus_100_are_ignored_everywhere():
     loss, parts = model.loss(x, masked)
     loads = model.expert_load()
     cut_loss, cut_parts = model.loss(x[:, :-4], y[:, :-4])
-    assert parts.keys() == cut_parts.keys() == {"lm", "mtp", "balance"}
+    assert parts.keys() == cut_parts.keys() == {"lm", "mtp", "seq_balance", "expert_balance"}
     for key in parts:
         assert parts[key] == pytest.approx(cut_parts[key], rel=1e-5), key
     assert loss.item() == pytest.approx(cut_loss.item(), rel=1e-5)
@@ -324,6 +324,96 @@ def test_sequence_balance_loss_matches_the_formula():
     gate.eval()
     gate(x, seq_len=5)
     assert gate.balance_loss is None
+
+
+def expected_expert_balance_loss(scores: torch.Tensor, indices: torch.Tensor, alpha: float) -> torch.Tensor:
+    """DeepSeek-V2 eqs. 21-23 written out with loops: alpha * sum_i f_i P_i over every token of the batch."""
+    N, E = scores.shape
+    k = indices.shape[1]
+    loss = torch.zeros(())
+    for i in range(E):
+        f_i = E / (k * N) * sum(int(i in indices[t].tolist()) for t in range(N))
+        P_i = sum(scores[t, i] / scores[t].sum() for t in range(N)) / N
+        loss = loss + f_i * P_i
+    return alpha * loss
+
+
+@pytest.mark.parametrize("score_func", ["sigmoid", "softmax"])
+def test_expert_balance_loss_matches_the_formula(score_func):
+    gate = make_gate(score_func=score_func, n_expert_groups=1, n_limited_groups=1, seq_aux_alpha=0.0,
+                     aux_loss_alpha=0.1).train()
+    x = torch.randn(2 * 5, 64)
+    _, indices = gate(x, seq_len=5)
+    logits = x @ gate.weight.T
+    scores = logits.sigmoid() if score_func == "sigmoid" else logits.softmax(-1)
+    expected = expected_expert_balance_loss(scores, indices, 0.1)
+    assert gate.expert_balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert gate.balance_loss is None  # the sequence-wise loss is off
+    gate.eval()
+    gate(x, seq_len=5)
+    assert gate.expert_balance_loss is None
+
+
+def test_expert_balance_loss_is_alpha_at_uniform_affinities_and_pushes_overloaded_experts_down():
+    gate = make_gate(n_expert_groups=1, n_limited_groups=1, aux_loss_alpha=1.0).train()
+    with torch.no_grad():
+        gate.weight.zero_()  # every affinity 0.5: P_i = 1/E for all i
+    gate.e_score_correction_bias.copy_(torch.arange(8.0) * 1e-3)  # every token picks experts 7 and 6
+    x = torch.randn(16, 64)
+    _, indices = gate(x, seq_len=16)
+    assert set(indices.flatten().tolist()) == {6, 7}
+    # sum_i f_i = E always, so with P_i = 1/E the loss is alpha whatever the load: only P carries the gradient
+    assert gate.expert_balance_loss.item() == pytest.approx(1.0, rel=1e-5)
+
+    torch.nn.init.normal_(gate.weight, std=0.5)
+    gate.e_score_correction_bias.zero_()
+    gate(x, seq_len=16)
+    gate.expert_balance_loss.backward()
+    load = gate.last_load
+    step = -gate.weight.grad  # gradient descent direction on the gate weights
+    new_scores = torch.sigmoid(x @ (gate.weight + 1e-2 * step).T)
+    old_scores = torch.sigmoid(x @ gate.weight.T)
+    moved = (new_scores - old_scores).mean(0)
+    busiest, idlest = load.argmax(), load.argmin()
+    assert moved[busiest] < moved[idlest]  # the busiest expert's affinity falls relative to the idlest's
+
+
+def test_model_loss_reports_each_balance_term_by_name():
+    model = tiny_model(seq_aux_alpha=0.01, aux_loss_alpha=0.02, bias_update_speed=0.001).train()
+    x = ids(T=16)
+    loss, parts = model.loss(x, x.roll(-1, dims=1))
+    assert set(parts) == {"lm", "mtp", "seq_balance", "expert_balance"}
+    total = parts["lm"] + model.config.mtp_loss_weight * parts["mtp"] + parts["seq_balance"] + parts["expert_balance"]
+    assert loss.item() == pytest.approx(total, rel=1e-6)
+    assert parts["expert_balance"] > 0 and parts["seq_balance"] > 0
+    assert all(g.expert_balance_loss is None and g.balance_loss is None for g in model.gates())
+    _, parts = tiny_model(seq_aux_alpha=0.0).train().loss(x, x.roll(-1, dims=1))
+    assert set(parts) == {"lm", "mtp"}  # a term that is off is absent
+
+
+def test_the_bias_gets_no_gradient_from_any_loss():
+    model = tiny_model(seq_aux_alpha=0.01, aux_loss_alpha=0.02).train()
+    biases = [g.e_score_correction_bias for g in model.gates()]
+    for bias in biases:
+        bias.requires_grad_(True)  # even when asked to track it, nothing differentiable flows through top-k
+    x = ids(T=16)
+    loss, _ = model.loss(x, x.roll(-1, dims=1))
+    loss.backward()
+    assert all(bias.grad is None for bias in biases)
+    assert "e_score_correction_bias" not in dict(model.named_parameters()).keys()
+
+
+def test_expert_balance_loss_counts_only_the_counted_tokens():
+    gate = make_gate(n_expert_groups=1, n_limited_groups=1, seq_aux_alpha=0.0, aux_loss_alpha=0.1).train()
+    x = torch.randn(3 * 6, 64)
+    counted = torch.ones(18, dtype=torch.bool)
+    counted[4:9] = False  # padding or targets of -100: out of the statistics
+    _, indices = gate(x, seq_len=6, counted=counted)
+    scores = torch.sigmoid(x @ gate.weight.T)
+    expected = expected_expert_balance_loss(scores[counted], indices[counted], 0.1)
+    assert gate.expert_balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    gate(x, seq_len=6, counted=torch.zeros(18, dtype=torch.bool))
+    assert gate.expert_balance_loss is None
 
 
 def test_sequence_balance_indicator_is_topk_of_the_unbiased_affinities():

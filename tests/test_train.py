@@ -90,7 +90,7 @@ def test_history_progress_bar_and_callback(straight_run):
     assert calls == [2, 4, 6]
     assert [r["step"] for r in history.train] == list(range(1, 7))
     first = history.train[0]
-    assert {"loss", "lm_loss", "mtp_loss", "balance_loss", "lr", "grad_norm", "maxvio", "tokens_per_s"} <= set(first)
+    assert {"loss", "lm_loss", "mtp_loss", "seq_balance_loss", "lr", "grad_norm", "maxvio", "tokens_per_s"} <= set(first)
     assert first["loss"] > first["lm_loss"]  # MTP and balance terms are added on top
     assert [e["step"] for e in history.evals] == [3, 6]
     assert {"val_loss", "val_lm_loss", "val_mtp_loss"} <= set(history.evals[0])
@@ -98,6 +98,24 @@ def test_history_progress_bar_and_callback(straight_run):
     assert steps == list(range(1, 7)) and losses[-1] < losses[0]
     assert history.series("val_loss")[0] == [3, 6]
     assert "6/6" in bar and "loss=" in bar and "tok/s=" in bar and "maxvio=" in bar and "val=" in bar
+
+
+def test_history_keeps_load_statistics_per_step_and_per_evaluation(straight_run):
+    history = straight_run[0]
+    cfg, model_cfg = tiny_config(), ModelConfig.preset("toy", **TINY)
+    n_moe_layers = model_cfg.n_layers - model_cfg.n_dense_layers
+    slots = cfg.batch_size * cfg.seq_len * model_cfg.n_activated_experts  # (token, expert) pairs per layer
+    for record in history.train:
+        load = torch.tensor(record["expert_load"])
+        assert load.shape == (n_moe_layers, model_cfg.n_routed_experts)
+        assert load.sum(dim=1).tolist() == [slots] * n_moe_layers
+        assert record["maxvio"] == pytest.approx(max_violation(load))
+    for record in history.evals:
+        load = torch.tensor(record["val_expert_load"])
+        assert load.sum(dim=1).tolist() == [slots * cfg.eval_batches] * n_moe_layers
+        assert record["val_maxvio_global"] == pytest.approx(max_violation(load))
+        # imbalance averages out over batches: the global MaxVio never exceeds the mean batch MaxVio
+        assert record["val_maxvio_global"] <= record["val_maxvio_batch"] + 1e-6
 
 
 def test_exact_resume(dataset, straight_run, tmp_path):
@@ -111,6 +129,7 @@ def test_exact_resume(dataset, straight_run, tmp_path):
     resumed = train(tiny_model(seed=1), dataset, cfg, resume_from=checkpoint)
     assert [r["loss"] for r in resumed.train] == [r["loss"] for r in straight.train]  # bit-identical
     assert [r["maxvio"] for r in resumed.train] == [r["maxvio"] for r in straight.train]
+    assert [r["expert_load"] for r in resumed.train] == [r["expert_load"] for r in straight.train]
     assert resumed.evals == straight.evals
     assert latest_checkpoint(tmp_path) == os.path.join(tmp_path, "step-000006")
 
@@ -171,6 +190,13 @@ def test_checkpoint_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="not a checkpoint folder"):
         load_checkpoint(tmp_path, model)
     assert latest_checkpoint(tmp_path / "nowhere") is None
+
+
+def test_progress_false_hides_the_bar(dataset):
+    bar = io.StringIO()
+    with contextlib.redirect_stderr(bar):
+        history = train(tiny_model(), dataset, tiny_config(steps=2, eval_every=0), progress=False)
+    assert len(history.train) == 2 and bar.getvalue() == ""
 
 
 def test_training_updates_the_routing_bias(dataset):

@@ -19,26 +19,21 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import os
-import queue as queue_module
 import statistics
-import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining import schedules as torch_schedules
 
 from ..config import ModelConfig
 from ..data import TokenDataset, stdlib_corpus
+from ..distributed import run_processes
 from ..model import DeepSeekV3
 from .schedules import SCHEDULES, Action, Op, Overlapped, Schedule, schedule
 from .simulate import Interval, Timeline, simulate_schedule
@@ -302,67 +297,6 @@ def ping_pong(rank: int, shape: tuple[int, ...], device: torch.device, rounds: i
     elapsed = time.perf_counter() - start
     dist.barrier()
     return elapsed / (2 * rounds) if rank == 0 else 0.0
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# Starting the processes
-
-
-def run_processes(fn: Callable[..., Any], world_size: int, *args: Any, backend: str = "gloo",
-                  timeout_s: float = 300.0) -> list[Any]:
-    """Run fn(rank, world_size, *args) in world_size fresh processes joined in one process group; return their
-    results (picklable) in rank order. fn must be importable. Every process destroys its process group however
-    fn ends; a failure re-raises its traceback here; past timeout_s every process is killed and TimeoutError
-    raised (a hung collective cannot hang the caller)."""
-    context = mp.get_context("spawn")
-    results = context.Queue()
-    deadline = time.monotonic() + timeout_s
-    with tempfile.TemporaryDirectory() as folder:
-        rendezvous = os.path.join(folder, "rendezvous")  # a file store: no port to pick or collide on
-        processes = [context.Process(target=_process_main, daemon=True,
-                                     args=(fn, rank, world_size, backend, rendezvous, timeout_s, results, args))
-                     for rank in range(world_size)]
-        for process in processes:
-            process.start()
-        try:
-            outcomes: dict[int, Any] = {}
-            while len(outcomes) < world_size:
-                try:
-                    rank, ok, value = results.get(timeout=max(0.05, min(1.0, deadline - time.monotonic())))
-                except queue_module.Empty:
-                    dead = [r for r, p in enumerate(processes) if r not in outcomes and p.exitcode not in (None, 0)]
-                    if dead:
-                        raise RuntimeError(f"rank {dead[0]} died (exit code {processes[dead[0]].exitcode}) without "
-                                           f"reporting") from None
-                    if time.monotonic() >= deadline:
-                        raise TimeoutError(f"{world_size} processes did not finish within {timeout_s:.0f} s "
-                                           f"(waiting for ranks {sorted(set(range(world_size)) - set(outcomes))})"
-                                           ) from None
-                    continue
-                if not ok:
-                    raise RuntimeError(f"rank {rank} of {world_size} failed:\n{value}")
-                outcomes[rank] = value
-            for process in processes:
-                process.join(timeout=max(1.0, deadline - time.monotonic()))
-        finally:
-            for process in processes:
-                if process.is_alive():
-                    process.kill()
-                    process.join()
-    return [outcomes[rank] for rank in range(world_size)]
-
-
-def _process_main(fn: Callable[..., Any], rank: int, world_size: int, backend: str, rendezvous: str,
-                  timeout_s: float, results, args: tuple) -> None:
-    try:
-        dist.init_process_group(backend, init_method=f"file://{rendezvous}", rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout_s))
-        results.put((rank, True, fn(rank, world_size, *args)))
-    except BaseException:
-        results.put((rank, False, traceback.format_exc()))
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
 
 
 # ----------------------------------------------------------------------------------------------------------------

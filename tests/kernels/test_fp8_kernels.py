@@ -117,6 +117,29 @@ def test_weight_quant_and_dequant_match_reference(batch, N, K, block, dtype, log
     assert (err <= s.amax() * 448 / 16 + w.float().abs().amax() * 2**-7).all()
 
 
+def test_act_quant_amax_floor(each_backend):
+    """Tiles below the floor are scaled as if their amax were the floor: tiny gradients need a tiny floor."""
+    x = randn((3, 300), 0, -9)  # values around 1e-9: far below the default floor of 1e-4
+    for floor in (R.AMAX_FLOOR, 1e-12):
+        q, s = kernels.act_quant(x, 128, floor)
+        rq, rs = R.act_quant(x, 128, floor)
+        assert torch.equal(codes(q), codes(rq)) and torch.equal(s, rs)
+    _, s_default = kernels.act_quant(x)
+    assert (s_default == torch.tensor(R.AMAX_FLOOR) / R.FP8_MAX).all()
+    q, s = kernels.act_quant(x, 128, 1e-12)
+    assert ((R.act_dequant(q, s) - x).norm() / x.norm()) < 0.04  # the full E4M3 range, as for values near 1
+    with pytest.raises(ValueError, match="amax_floor must be"):
+        kernels.act_quant(x, 128, 0.0)
+    w = randn((200, 300), 1, -9)
+    for floor in (R.AMAX_FLOOR, 1e-12):
+        q, s = kernels.weight_quant(w, 128, floor)
+        rq, rs = R.weight_quant(w, 128, floor)
+        assert torch.equal(codes(q), codes(rq)) and torch.equal(s, rs)
+    assert s.max() < R.AMAX_FLOOR / R.FP8_MAX  # with the small floor the scales follow the values (about 1e-9)
+    with pytest.raises(ValueError, match="amax_floor must be"):
+        kernels.weight_quant(w, 128, float("nan"))
+
+
 def test_weight_dequant_default_dtype():
     q, s = kernels.weight_quant(torch.randn(3, 5))
     assert kernels.weight_dequant(q, s).dtype == torch.get_default_dtype()
@@ -136,6 +159,21 @@ def test_fp8_gemm_matches_reference(lead, N, K, block, out_dtype, seed):
     # float32: only the summation order differs; bf16: plus one rounding of the result.
     rtol = 1e-5 if out_dtype == torch.float32 else 2**-8
     torch.testing.assert_close(c.float(), ref, rtol=rtol, atol=rtol * ref.abs().max().item() + 1e-6)
+
+
+@FEW
+@given(M=st.integers(1, 70), N=st.integers(2, 160), K=st.integers(1, 300), block=st.sampled_from([32, 128]),
+       seed=st.integers(0, 2**16))
+def test_fp8_gemm_with_b_in_row_tiles_matches_reference(M, N, K, block, seed):
+    """b from act_quant (one scale per 1 x block tile of each row), the weight-gradient GEMM of FP8 training."""
+    a_q, a_s = R.act_quant(randn((M, K), seed), block)
+    b = randn((N, K), seed + 1)
+    b[0] *= 1e3  # a row whose own scale must not spill onto its neighbours
+    b_q, b_s = R.act_quant(b, block)
+    c = kernels.fp8_gemm(a_q, a_s, b_q, b_s, block, torch.float32)
+    exact = R.act_dequant(a_q, a_s, block) @ R.act_dequant(b_q, b_s, block).T
+    torch.testing.assert_close(R.fp8_gemm(a_q, a_s, b_q, b_s, block, torch.float32), exact, rtol=1e-6, atol=0)
+    torch.testing.assert_close(c, exact, rtol=1e-5, atol=1e-5 * exact.abs().max().item() + 1e-6)
 
 
 def test_fp8_gemm_accuracy_against_full_precision():
@@ -243,6 +281,8 @@ def test_errors_name_the_problem(each_backend):
         kernels.fp8_gemm(a_q, a_s.half(), b_q, b_s)
     with pytest.raises(ValueError, match="a_s has shape"):
         kernels.fp8_gemm(a_q, a_s[:, :1], b_q, b_s)
+    with pytest.raises(ValueError, match=r"b_s has shape \(2, 2\), expected \(1, 2\)"):
+        kernels.fp8_gemm(a_q, a_s, b_q, torch.ones(2, 2))  # neither 128 x 128 blocks nor 1 x 128 row tiles
     with pytest.raises(ValueError, match="b_q must be"):
         kernels.fp8_gemm(a_q, a_s, b_q[:, :128], b_s[:, :1])
     with pytest.raises(TypeError, match="out_dtype"):
