@@ -7,7 +7,8 @@ A mid-size random checkpoint (hidden 512, 4 layers, 16 routed experts) is writte
 back by our from_pretrained (the path a user takes) and by transformers' DeepseekV3ForCausalLM.from_pretrained, so
 both hold identical weights (the logits are compared first). Then:
 - decode: a 1024-token prompt, 128 greedy new tokens, each implementation with its KV cache. Ours on the default
-  path (mla_mode "auto": absorbed MLA with the cache), on naive MLA (the default before issue 13), and with
+  path (mla_mode "auto": a naive prefill that caches the latent, absorbed decoding), on naive MLA throughout (the
+  default before issue 13), and with
   --compile on the compiled decoding step (generate(compile=True); the first call, which compiles, is not timed);
 - the roofline: at batch 1 a decoding step reads every weight it uses once (attention, dense MLP and shared
   experts of each layer, the k routed experts the token picks, the head, one embedding row) and the whole KV
@@ -123,7 +124,7 @@ def main() -> None:
                            do_sample=False)
 
     paths = [("transformers (caches the latent, re-expands K/V each step)", hf_generate),
-             ("mini_deepseek default (from_pretrained + generate: absorbed MLA)", lambda n=new_tokens: ours.generate(prompt, n)),
+             ("mini_deepseek default (from_pretrained, generate: absorbed decoding)", lambda n=new_tokens: ours.generate(prompt, n)),
              ("mini_deepseek, naive MLA (caches decompressed K/V)", lambda n=new_tokens: naive.generate(prompt, n))]
     if args.compile:
         paths.append(("mini_deepseek, compiled decode step (generate(compile=True))",

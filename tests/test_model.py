@@ -39,24 +39,28 @@ def test_absorbed_mla_equals_naive(variant):
     assert torch.allclose(naive, absorbed, atol=1e-5, rtol=0), (naive - absorbed).abs().max()
 
 
-def test_auto_mode_absorbs_with_a_cache_and_runs_naive_without():
-    """The default mla_mode "auto": generate's cached forwards take the absorbed path (the cache holds the latent),
-    forwards without a cache (training) the naive one; set_mla_mode reaches the MTP modules too."""
+def test_auto_mode_caches_the_latent_prefills_naive_and_decodes_absorbed():
+    """The default mla_mode "auto": the cache holds the latent; a prefill (start 0) and a forward without a cache
+    run the naive path, later cached steps (decoding) the absorbed one; set_mla_mode reaches the MTP modules."""
     model = tiny_model(n_mtp_modules=1)
     assert model.config.mla_mode == "auto"
     x = ids(T=10)
-    cache = model.new_cache(2, 10)
-    assert [list(layer) for layer in cache] == [["latent"]] * 3
-    auto_cached, auto_full = model(x, cache=cache), model(x)
+    auto_cache = model.new_cache(2, 10)
+    assert [list(layer) for layer in auto_cache] == [["latent"]] * 3
+    prefill = model(x[:, :9], cache=auto_cache)
+    after_prefill = [{name: t.clone() for name, t in layer.items()} for layer in auto_cache]
+    step, full = model(x[:, 9:], start_pos=9, cache=auto_cache), model(x)
     model.set_mla_mode("absorb")
-    absorbed = model(x, cache=model.new_cache(2, 10))
+    absorb_cache = model.new_cache(2, 10)
+    absorbed_prefill = model(x[:, :9], cache=absorb_cache)
+    assert torch.equal(step, model(x[:, 9:], start_pos=9, cache=after_prefill))  # decoding: the absorbed path
+    assert torch.equal(after_prefill[0]["latent"][:, :, :9], absorb_cache[0]["latent"][:, :, :9])  # latent cached
     model.set_mla_mode("naive")
-    naive = model(x)
-    assert torch.equal(auto_cached, absorbed) and torch.equal(auto_full, naive)
-    assert not torch.equal(auto_cached, auto_full)  # two different paths (equal up to rounding)
+    assert torch.equal(prefill, model(x[:, :9])) and torch.equal(full, model(x))  # prefill, no cache: naive
+    assert not torch.equal(prefill, absorbed_prefill)  # two different paths (equal up to rounding)
     assert [b.self_attn.mode for b in [*model.layers, *model.mtp]] == ["naive"] * 4
     with pytest.raises(ValueError, match="build the cache after set_mla_mode"):
-        model(x, cache=cache)  # a latent cache no longer fits the naive path
+        model(x, cache=auto_cache)  # a latent cache no longer fits the naive path
     with pytest.raises(ValueError, match="mla_mode"):
         model.set_mla_mode("fast")
 
@@ -93,7 +97,8 @@ def test_later_start_without_cache_stays_causal_and_absorbed_equals_naive(varian
         assert not torch.allclose(out[mode][:, 5], out[mode + "-changed"][:, 5], atol=1e-5, rtol=0), mode
 
 
-@pytest.mark.parametrize("variant, mode", [("mla", "naive"), ("mla", "absorb"), ("mla-yarn", "absorb"), ("gqa", "naive")])
+@pytest.mark.parametrize("variant, mode", [("mla", "naive"), ("mla", "absorb"), ("mla", "auto"), ("mla-yarn", "absorb"),
+                                           ("gqa", "naive")])
 def test_generate_with_cache_gives_the_same_tokens(variant, mode):
     model = tiny_model(mla_mode=mode, **VARIANTS[variant])
     prompt = ids(T=9)
