@@ -124,7 +124,7 @@ def main() -> None:
                            do_sample=False)
 
     paths = [("transformers (caches the latent, re-expands K/V each step)", hf_generate),
-             ("mini_deepseek default (from_pretrained, generate: absorbed decoding)", lambda n=new_tokens: ours.generate(prompt, n)),
+             ("mini_deepseek default (from_pretrained, then generate)", lambda n=new_tokens: ours.generate(prompt, n)),
              ("mini_deepseek, naive MLA (caches decompressed K/V)", lambda n=new_tokens: naive.generate(prompt, n))]
     if args.compile:
         paths.append(("mini_deepseek, compiled decode step (generate(compile=True))",
