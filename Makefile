@@ -36,6 +36,7 @@ mutants: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m kernels.bench
 	$(BIN)/python benchmarks/decode_vs_hf.py
+	$(BIN)/python benchmarks/speculative.py
 
 clean-venv:
 	rm -rf $(VENV)

@@ -29,7 +29,6 @@ import time
 
 import torch
 
-import mini_deepseek
 from mini_deepseek import DeepSeekV3, ModelConfig
 from mini_deepseek.checkpoint import from_pretrained, save_pretrained
 from mini_deepseek.compile import MaybeCompiled
@@ -42,6 +41,19 @@ BENCH_CONFIG = dict(
     # transformers has neither MTP nor the sequence-wise balance loss: leave both out so the work is the same.
     n_mtp_modules=0, seq_aux_alpha=0.0,
 )
+
+
+def load_in_transformers(model: DeepSeekV3, transformers):
+    """The same weights in transformers' DeepseekV3ForCausalLM: written by our save_pretrained, read by theirs."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tmp)
+        return transformers.DeepseekV3ForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+
+
+def hf_greedy(hf, prompt: torch.Tensor, n: int) -> torch.Tensor:
+    """transformers' greedy generate of exactly n new tokens (it would stop at its eos token otherwise)."""
+    return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
+                       do_sample=False)
 
 
 def median_time(fn, repeats: int) -> float:
@@ -120,8 +132,7 @@ def main() -> None:
 
     # --- generation ------------------------------------------------------------------------------------------
     def hf_generate(n: int = new_tokens):
-        return hf.generate(prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=n, min_new_tokens=n,
-                           do_sample=False)
+        return hf_greedy(hf, prompt, n)
 
     paths = [("transformers (caches the latent, re-expands K/V each step)", hf_generate),
              ("mini_deepseek default (from_pretrained, then generate)", lambda n=new_tokens: ours.generate(prompt, n)),
@@ -129,8 +140,6 @@ def main() -> None:
     if args.compile:
         paths.append(("mini_deepseek, compiled decode step (generate(compile=True))",
                       lambda n=new_tokens: ours.generate(prompt, n, compile=True)))
-    # Speculative decoding with the MTP module as the draft (notebook 03) joins the table once the library has it.
-    speculative = getattr(mini_deepseek, "speculative_generate", None)
 
     # Prefill is timed apart (a 1-token generation), so that the decode rate counts only the cached steps.
     rows = []
@@ -149,8 +158,8 @@ def main() -> None:
               f"{1e3 / rate / floor_ms:>7.1f}x  {same}")
     print(f"{'memory-bandwidth floor':<66}{'':>18}{1e3 / floor_ms:>13.1f}{floor_ms:>9.2f}"
           f"{1e3 / floor_ms / base_rate:>14.2f}x{1.0:>7.1f}x")
-    if speculative is None:
-        print("speculative decoding: not in this library yet (mini_deepseek.speculative_generate)")
+    # These random weights carry no MTP module worth drafting with: speculative.py trains one on this geometry.
+    print("speculative decoding (MTP drafts, notebook 03): python benchmarks/speculative.py")
 
     # --- one training step -----------------------------------------------------------------------------------
     batch = torch.randint(0, BENCH_CONFIG["vocab_size"], (4, 257))

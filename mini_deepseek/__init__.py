@@ -15,6 +15,7 @@ from .fp8_training import FP8TrainingExperts, FP8TrainingLinear, convert_to_fp8_
 from .kernel_switch import set_kernels
 from .model import DeepSeekV3
 from .params import ParamCount, count_params
+from .speculative import speculative_generate
 from .tokenizer import ByteTokenizer
 from .train import TrainConfig, latest_checkpoint, load_checkpoint, save_checkpoint, train
 
@@ -23,5 +24,5 @@ __all__ = [
     "PRESETS", "ByteTokenizer", "DeepSeekV3", "FP8Linear", "FP8RoutedExperts", "FP8TrainingExperts",
     "FP8TrainingLinear", "ModelConfig", "ParamCount", "TokenDataset", "TrainConfig", "__version__",
     "arithmetic_problems", "arithmetic_text", "check_answer", "convert_to_fp8_training", "count_params", "latest_checkpoint", "from_pretrained", "load_checkpoint", "quantize_to_fp8", "save_checkpoint",
-    "save_pretrained", "set_kernels", "stdlib_corpus", "text_files_corpus", "train",
+    "save_pretrained", "set_kernels", "speculative_generate", "stdlib_corpus", "text_files_corpus", "train",
 ]

@@ -137,19 +137,239 @@ def arithmetic_text(n: int, seed: int = 0, **kwargs) -> str:
     return "".join(p.text for p in arithmetic_problems(n, seed, **kwargs))
 
 
-_LAST_NUMBER = re.compile(r"(-?\d+)\s*$")
+# ----------------------------------------------------------------------------------------------------------------
+# Numbers in two "languages": digits ("17") and words ("seventeen")
+#
+# Chapter 06 needs a second language so that a model can mix languages in its reasoning, as DeepSeek-R1-Zero mixed
+# English and Chinese, and be rewarded for keeping to one. Numerals are where the two differ here; the operators
+# (+ - =) and the separators are shared, like punctuation.
+
+NUMBER_LANGUAGES = ("digits", "words")
+_UNITS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
+          "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen")
+_TENS = ("twenty", "thirty", "forty", "fifty", "sixty", "seventy", "eighty", "ninety")
+MAX_WORD_NUMBER = 99  # number words are defined for 0..99, the range of the word problems
+# One numeral in either language: a run of digits, or a number word ("seven", "seventeen", "thirty seven").
+# Compound numbers are written with a space, not the usual hyphen, because "-" is the minus sign of the worked
+# solutions ("twenty-two" would read as 20 - 2). Longer words first, so "seventeen" is not read as "seven"; \b
+# keeps "someone" from holding a "one".
+_WORD_NUMERAL = (r"(?:" + "|".join(_TENS) + r")(?: (?:" + "|".join(_UNITS[1:10]) + r"))?|"
+                 + "|".join(sorted(_UNITS, key=len, reverse=True)))
+NUMERAL = re.compile(r"\b(\d+|" + _WORD_NUMERAL + r")\b")
+_LAST_NUMERAL = re.compile(r"(-?\d+|\b(?:" + _WORD_NUMERAL + r"))\s*$")
+
+
+def number_to_words(n: int) -> str:
+    """0..99 in English words: 7 -> "seven", 37 -> "thirty seven" (a space, not a hyphen: see NUMERAL)."""
+    if not 0 <= n <= MAX_WORD_NUMBER:
+        raise ValueError(f"number words are defined for 0..{MAX_WORD_NUMBER}, got {n}")
+    if n < 20:
+        return _UNITS[n]
+    tens, units = divmod(n, 10)
+    return _TENS[tens - 2] + (f" {_UNITS[units]}" if units else "")
+
+
+_WORD_VALUES = {number_to_words(n): n for n in range(MAX_WORD_NUMBER + 1)}
+
+
+def write_number(n: int, language: str) -> str:
+    """n in the given language: write_number(17, "digits") == "17", write_number(17, "words") == "seventeen"."""
+    if language == "digits":
+        return str(n)
+    if language == "words":
+        return number_to_words(n)
+    raise ValueError(f"unknown number language {language!r}; choose one of {NUMBER_LANGUAGES}")
+
+
+def parse_number(text: str) -> int | None:
+    """A whole text as one numeral in either language ("85", " eighty five ", "-3"), else None."""
+    text = text.strip()
+    if re.fullmatch(r"-?\d+", text):
+        return int(text)
+    return _WORD_VALUES.get(text.lower())
+
+
+def numeral_language(numeral: str) -> str:
+    """"digits" or "words": the language of one numeral as NUMERAL finds them."""
+    return "digits" if numeral[:1].isdigit() or numeral[:1] == "-" else "words"
 
 
 def extract_answer(completion: str) -> int | None:
-    """The final answer in a completion: the last number on its first line ("...; so 85" -> 85), else None."""
+    """The final answer in a completion: the last number on its first line ("...; so 85" -> 85), else None.
+    The number may be written in either language of chapter 06 ("...; so eighty five" -> 85)."""
     first_line = completion.lstrip().split("\n", 1)[0]
-    match = _LAST_NUMBER.search(first_line)
-    return int(match.group(1)) if match else None
+    match = _LAST_NUMERAL.search(first_line)
+    return parse_number(match.group(1)) if match else None
 
 
 def check_answer(completion: str, answer: int) -> bool:
     """True when the completion ends its first line with the right answer: a rule-based reward."""
     return extract_answer(completion) == answer
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Multi-step word problems of graded difficulty (chapter 06: GRPO and the R1 recipe)
+#
+#   Q: Ann has 7 pens, gets 5, loses 3. How many? A: 7+5=12; 12-3=9; so 9
+#
+# The level is the number of operations (1 = one step). A problem can be asked in either number language, and its
+# worked solution can be written three ways, which is what the chapter's experiments turn on:
+# - step by step ("7+5=12; 12-3=9") or all at once ("7+5-3=9"): the second is shorter and, for a small model,
+#   more often wrong on long problems;
+# - in the question's language, or switching language partway ("seven+five=12; 12-3=9"), as text on the web does.
+
+WORD_PROBLEM_NAMES = ("Ann", "Bob", "Cal", "Dee", "Eve", "Gus", "Ivy", "Jay", "Kim", "Leo", "Mia", "Ned")
+WORD_PROBLEM_ITEMS = ("pens", "cards", "coins", "books", "shells", "stamps", "apples", "marbles", "beads", "cups")
+_GAIN_VERBS = ("gets", "finds", "buys", "wins")
+_LOSS_VERBS = ("loses", "sells", "gives away", "uses")
+WORD_PROBLEM_MAX = 20  # default bound of every count in a story (0..20); at most MAX_WORD_NUMBER
+
+
+@dataclass(frozen=True)
+class WordProblem(Problem):
+    level: int = 1  # number of operations: 1 (one step) .. the hardest level asked for
+    language: str = "digits"  # the language of the question's numbers, which the reasoning should keep
+    reasoning: str = ""  # the worked solution without the answer: "7+5=12; 12-3=9"
+    answer_text: str = ""  # the answer as the solution writes it: "9" or "nine"
+    expression: str = ""  # the arithmetic behind the story, "7+5-3": held-out problems are kept out of training by it
+
+    @property
+    def r1_completion(self) -> str:
+        """The same solution in DeepSeek-R1's format: "<think>7+5=12; 12-3=9; so 9</think><answer>9</answer>".
+        Only the delimiters differ from the pretraining text's " 7+5=12; 12-3=9; so 9"."""
+        return f"<think>{self.reasoning}; so {self.answer_text}</think><answer>{self.answer_text}</answer>"
+
+
+def make_word_problem(start: int, steps: Sequence[tuple[str, int]], language: str = "digits", name: str = "Ann",
+                      item: str = "pens", verbs: Sequence[str] | None = None, all_at_once: bool = False,
+                      switch_at: int | None = None, max_count: int = WORD_PROBLEM_MAX) -> WordProblem:
+    """One story: `start` items, then each (op, n) of steps, op "+" or "-". Every count must stay in
+    0..max_count. verbs: one verb per step (default: the first gain or loss verb).
+
+    all_at_once: the solution writes the whole expression and its value ("7+5-3=9") instead of one step at a time.
+    switch_at: the solution switches to the other number language from its numeral number switch_at on (0 is the
+    first numeral; the question itself is never switched).
+    """
+    if language not in NUMBER_LANGUAGES:
+        raise ValueError(f"unknown number language {language!r}; choose one of {NUMBER_LANGUAGES}")
+    if not steps:
+        raise ValueError("a word problem needs at least one step")
+    values, total = [start], start
+    for op, n in steps:
+        if op not in "+-" or len(op) != 1 or n < 1:
+            raise ValueError(f"a step is ('+' or '-', a positive number), got {(op, n)}")
+        total = total + n if op == "+" else total - n
+        values.append(total)
+    if not 0 < max_count <= MAX_WORD_NUMBER:
+        raise ValueError(f"max_count = {max_count}: must be in 1..{MAX_WORD_NUMBER} (numbers must have words)")
+    if not all(0 <= v <= max_count for v in [start, *values, *(n for _, n in steps)]):
+        raise ValueError(f"every count must stay within 0..{max_count}: start {start}, steps {list(steps)}")
+    verbs = verbs or [_GAIN_VERBS[0] if op == "+" else _LOSS_VERBS[0] for op, _ in steps]
+    if len(verbs) != len(steps):
+        raise ValueError(f"{len(verbs)} verbs for {len(steps)} steps")
+
+    question = ", ".join([f"{name} has {write_number(start, language)} {item}"]
+                         + [f"{verb} {write_number(n, language)}" for verb, (_, n) in zip(verbs, steps, strict=True)])
+    # The solution's numerals in order, each with where it goes; the language switches at numeral switch_at.
+    if all_at_once:
+        numerals = [start] + [n for _, n in steps] + [total]
+    else:
+        numerals = [x for (_, n), before, after in zip(steps, values, values[1:], strict=False) for x in (before, n, after)]
+    numerals.append(total)  # the answer
+    other = NUMBER_LANGUAGES[1 - NUMBER_LANGUAGES.index(language)]
+    written = [write_number(v, other if switch_at is not None and i >= switch_at else language)
+               for i, v in enumerate(numerals)]
+    if all_at_once:
+        expression = written[0] + "".join(op + w for (op, _), w in zip(steps, written[1:], strict=False))
+        reasoning = f"{expression}={written[len(steps) + 1]}"
+    else:
+        reasoning = "; ".join(f"{written[3 * i]}{op}{written[3 * i + 1]}={written[3 * i + 2]}"
+                              for i, (op, _) in enumerate(steps))
+    answer_text = written[-1]
+    return WordProblem(prompt=f"Q: {question}. How many? A:", completion=f" {reasoning}; so {answer_text}\n",
+                       answer=total, level=len(steps), language=language, reasoning=reasoning,
+                       answer_text=answer_text, expression=str(start) + "".join(f"{op}{n}" for op, n in steps))
+
+
+def word_problems(n: int, seed: int = 0, levels: Sequence[int] = (1, 2, 3), words_share: float = 0.3,
+                  all_at_once_share: float = 0.0, switch_share: float = 0.0,
+                  exclude: Collection[str] = (), max_count: int = WORD_PROBLEM_MAX) -> list[WordProblem]:
+    """n word problems from random.Random(seed), the level drawn uniformly from levels.
+
+    words_share: share of questions asked in number words. all_at_once_share: share of multi-step problems solved
+    all at once. switch_share: share of solutions that switch number language partway (at a random numeral).
+    exclude: expressions ("7+5-3") never to produce, e.g. those of a held-out set. max_count: every count stays
+    within 0..max_count (the start is drawn from 2..max_count, each step adds or removes 1..min(9, max_count)).
+    """
+    if n < 0 or not levels or min(levels) < 1:
+        raise ValueError(f"need n >= 0 and levels >= 1, got n = {n}, levels = {levels}")
+    for name, share in (("words_share", words_share), ("all_at_once_share", all_at_once_share),
+                        ("switch_share", switch_share)):
+        if not 0 <= share <= 1:
+            raise ValueError(f"{name} = {share}: must be in [0, 1]")
+    rng, problems, excluded = random.Random(seed), [], set(exclude)
+    for _ in range(1000 * n + 1000):  # draws, including those excluded
+        if len(problems) == n:
+            break
+        level = rng.choice(list(levels))
+        start = total = rng.randint(2, max_count)
+        steps = []
+        for _ in range(level):
+            # Gain or lose 1..9 (no more than one of the two directions allows), keeping the count in 0..max_count.
+            amount = rng.randint(1, min(9, max(total, max_count - total)))
+            op = rng.choice("+-")
+            if (op == "+" and total + amount > max_count) or (op == "-" and total - amount < 0):
+                op = "-" if op == "+" else "+"
+            total += amount if op == "+" else -amount
+            steps.append((op, amount))
+        language = "words" if rng.random() < words_share else "digits"
+        all_at_once = level > 1 and rng.random() < all_at_once_share
+        n_numerals = level + 2 if all_at_once else 3 * level + 1
+        switch_at = rng.randint(1, n_numerals - 1) if rng.random() < switch_share else None
+        verbs = [rng.choice(_GAIN_VERBS if op == "+" else _LOSS_VERBS) for op, _ in steps]
+        problem = make_word_problem(start, steps, language, name=rng.choice(WORD_PROBLEM_NAMES),
+                                    item=rng.choice(WORD_PROBLEM_ITEMS), verbs=verbs, all_at_once=all_at_once,
+                                    switch_at=switch_at, max_count=max_count)
+        if problem.expression not in excluded:
+            problems.append(problem)
+    else:
+        raise ValueError(f"could not draw {n} problems at levels {tuple(levels)} outside the {len(excluded)} "
+                         f"excluded expressions")
+    return problems
+
+
+def arithmetic_tables(max_count: int = WORD_PROBLEM_MAX, languages: Sequence[str] = NUMBER_LANGUAGES
+                      ) -> list[tuple[str, str]]:
+    """Every single step a word problem with counts in 0..max_count can take, as (prompt, completion) pairs in each
+    language: ("7+5=", "12"), ("seven+five=", "twelve"), ... A pretraining text has such tables beside its word
+    problems; they teach the facts that a worked solution strings together."""
+    if not 0 < max_count <= MAX_WORD_NUMBER:
+        raise ValueError(f"max_count = {max_count}: must be in 1..{MAX_WORD_NUMBER}")
+    pairs = []
+    for language in languages:
+        for a in range(max_count + 1):
+            for b in range(1, min(9, max_count) + 1):
+                for op, result in (("+", a + b), ("-", a - b)):
+                    if 0 <= result <= max_count:
+                        pairs.append((write_number(a, language) + op + write_number(b, language) + "=",
+                                      write_number(result, language)))
+    return pairs
+
+
+def word_problem_pretraining(problems: Sequence[WordProblem], tokenizer: ByteTokenizer, max_count: int = WORD_PROBLEM_MAX,
+                             r1_share: float = 0.0, seed: int = 0, tables_batch_scale: int = 4) -> InterleavedDataset:
+    """A base model's pretraining data for chapter 06: the worked problems as (question, solution) pairs, taking
+    turns with the arithmetic tables of both number languages, whose batches are tables_batch_scale times larger
+    (a fact is a few tokens, and a small model needs many of them before it uses the facts inside a solution).
+    r1_share: the share of solutions written in R1's tagged format instead of the plain one (random.Random(seed)
+    picks them), as a crawl holds a little text in any format; the tags are then tokens the base model has seen."""
+    if not 0 <= r1_share <= 1:
+        raise ValueError(f"r1_share = {r1_share}: must be in [0, 1]")
+    rng = random.Random(seed)
+    pairs = [(p.prompt, p.r1_completion if rng.random() < r1_share else p.completion.rstrip("\n")) for p in problems]
+    return InterleavedDataset(PairDataset(pairs, tokenizer, seed=seed),
+                              PairDataset(arithmetic_tables(max_count), tokenizer, seed=seed),
+                              batch_scale=(1, tables_batch_scale))
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -324,3 +544,81 @@ class TokenDataset:
         window = starts[:, None] + torch.arange(seq_len + 1)  # [B, T+1]
         chunk = tokens[window]  # [B, T+1]
         return chunk[:, :-1], chunk[:, 1:]
+
+
+class PairDataset:
+    """(prompt, completion) pairs for supervised fine-tuning, with the get_batch interface of TokenDataset, so
+    train() runs SFT as it runs pretraining.
+
+    Each example is prompt + completion + <|eos|>. Its targets are the next tokens with the prompt's masked to
+    -100: the model learns to write the completion (and to stop), not to predict the question. Batches are right
+    padded (inputs with <|pad|>, targets with -100) to the longest example in them, and are a pure function of
+    (seed, split, step), as TokenDataset's.
+    """
+
+    def __init__(self, pairs: Sequence[tuple[str, str]], tokenizer: ByteTokenizer | None = None,
+                 val_fraction: float = 0.0, seed: int = 0):
+        tokenizer = tokenizer or ByteTokenizer()
+        if not pairs:
+            raise ValueError("PairDataset needs at least one (prompt, completion) pair")
+        if not 0 <= val_fraction < 1:
+            raise ValueError(f"val_fraction = {val_fraction}: must be in [0, 1)")
+        self.pad_id, self.seed = tokenizer.pad_id, seed
+        examples = []
+        for i, (prompt, completion) in enumerate(pairs):
+            prompt_ids = tokenizer.encode(prompt)
+            if not prompt_ids:
+                raise ValueError(f"pair {i}: the prompt is empty (the first completion token needs a prompt before it)")
+            ids = prompt_ids + tokenizer.encode(completion, eos=True)
+            targets = ids[1:]
+            targets[:len(prompt_ids) - 1] = [-100] * (len(prompt_ids) - 1)  # predicting the prompt is not the task
+            examples.append((ids[:-1], targets))
+        n_val = int(len(examples) * val_fraction)
+        self.splits = {"train": examples[:len(examples) - n_val], "val": examples[len(examples) - n_val:]}
+        self.max_len = max(len(inputs) for inputs, _ in examples)  # the longest example: a seq_len that fits all
+
+    def __len__(self) -> int:
+        return sum(len(examples) for examples in self.splits.values())
+
+    def get_batch(self, step: int, batch_size: int, seq_len: int, split: str = "train"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inputs and targets, LongTensor [batch_size, T] each, T the longest chosen example (<= seq_len)."""
+        if split not in SPLITS:
+            raise ValueError(f"split = {split!r}: must be one of {SPLITS}")
+        examples = self.splits[split]
+        if not examples:
+            raise ValueError(f"the {split} split of this PairDataset is empty (val_fraction too small?)")
+        generator = torch.Generator().manual_seed(_batch_seed(self.seed, split, step))
+        chosen = [examples[i] for i in torch.randint(0, len(examples), (batch_size,), generator=generator).tolist()]
+        width = max(len(inputs) for inputs, _ in chosen)
+        if width > seq_len:
+            raise ValueError(f"an example of {width} tokens (prompt + completion + eos - 1) does not fit seq_len = "
+                             f"{seq_len}; use seq_len >= dataset.max_len = {self.max_len}, or shorter examples")
+        inputs = torch.full((batch_size, width), self.pad_id, dtype=torch.long)
+        targets = torch.full((batch_size, width), -100, dtype=torch.long)
+        for b, (x, y) in enumerate(chosen):
+            inputs[b, :len(x)] = torch.tensor(x)
+            targets[b, :len(y)] = torch.tensor(y)
+        return inputs, targets
+
+
+class InterleavedDataset:
+    """Datasets taking turns, one batch each (step s draws batch s // n of dataset s % n), with the get_batch
+    interface of TokenDataset: e.g. worked problems and arithmetic tables in one pretraining run. batch_scale: one
+    factor per dataset, its batches hold batch_size x factor examples (short examples can come in larger batches)."""
+
+    def __init__(self, *datasets: TokenDataset | PairDataset, batch_scale: Sequence[int] | None = None):
+        if not datasets:
+            raise ValueError("InterleavedDataset needs at least one dataset")
+        batch_scale = tuple(batch_scale) if batch_scale is not None else (1,) * len(datasets)
+        if len(batch_scale) != len(datasets) or min(batch_scale) < 1:
+            raise ValueError(f"batch_scale = {batch_scale}: one factor >= 1 per dataset ({len(datasets)})")
+        self.datasets, self.batch_scale = datasets, batch_scale
+
+    def __len__(self) -> int:
+        return sum(len(d) for d in self.datasets)
+
+    def get_batch(self, step: int, batch_size: int, seq_len: int, split: str = "train"
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        n = len(self.datasets)
+        return self.datasets[step % n].get_batch(step // n, batch_size * self.batch_scale[step % n], seq_len, split)

@@ -73,16 +73,31 @@ class DeepSeekV3(nn.Module):
         T = input_ids.shape[1]
         counted = _both(None if padding is None else ~padding[:, -T:], target_mask)  # [B, T] or None
         freqs = self.rope(start_pos, start_pos + T, input_ids.device)
-        h = self.embed_tokens(input_ids)  # [B, T, dim]
-        for i, layer in enumerate(self.layers):
-            h = layer(h, freqs, start_pos, None if cache is None else cache[i], padding, counted)
-        h = self.norm(h)  # what the output head reads, and h^0 of the MTP modules (mtp.py)
+        h = self._hidden(input_ids, freqs, start_pos, cache, padding, counted)  # [B, T, dim]
         logits = self.lm_head(h).float()
         if not return_mtp:
             return logits
         if start_pos != 0 or cache is not None:
             raise ValueError("MTP logits need the whole sequence: call with start_pos=0 and no cache")
         return logits, self._mtp_logits(input_ids, h, freqs, padding, target_mask, logits[:, :0])
+
+    def _hidden(self, input_ids: torch.Tensor, freqs: torch.Tensor, start_pos: int, cache: list[dict] | None,
+                padding: torch.Tensor | None, counted: torch.Tensor | None) -> torch.Tensor:
+        """Embedding, blocks, final norm: input_ids [B, T] -> h [B, T, dim]."""
+        h = self.embed_tokens(input_ids)  # [B, T, dim]
+        for i, layer in enumerate(self.layers):
+            h = layer(h, freqs, start_pos, None if cache is None else cache[i], padding, counted)
+        return self.norm(h)  # what the output head reads, and h^0 of the MTP modules (mtp.py)
+
+    def hidden_states(self, input_ids: torch.Tensor, start_pos: int = 0,
+                      cache: list[dict] | None = None) -> torch.Tensor:
+        """input_ids [B, T] at positions start_pos.. -> h^0 [B, T, dim], the main model's output after its final
+        norm: forward's logits are lm_head(h^0), and the MTP modules read h^0 (speculative.py drafts from it)."""
+        _, T = self._check_ids(input_ids, start_pos)
+        if cache is not None and len(cache) != len(self.layers):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.layers)}; use model.new_cache()")
+        return self._hidden(input_ids, self.rope(start_pos, start_pos + T, input_ids.device), start_pos, cache,
+                            None, None)
 
     def _mtp_logits(self, input_ids: torch.Tensor, h: torch.Tensor, freqs: torch.Tensor, padding: torch.Tensor | None,
                     target_mask: torch.Tensor | None, no_logits: torch.Tensor) -> list[torch.Tensor]:
@@ -206,6 +221,19 @@ class DeepSeekV3(nn.Module):
         w = self.embed_tokens.weight
         return [layer.self_attn.new_cache(batch_size, max_len, w.dtype, w.device) for layer in self.layers]
 
+    def check_generation(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
+                         caller: str) -> tuple[int, int]:
+        """The arguments generate and speculative_generate share, checked; returns (B, T) of input_ids."""
+        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
+            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
+                             f"{max_new_tokens}, {temperature}, {top_p}")
+        B, T = self._check_ids(input_ids, 0)
+        if T == 0:
+            raise ValueError(f"{caller} needs a prompt of at least one token")
+        if T + max_new_tokens > self.config.max_seq_len:
+            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len = {self.config.max_seq_len}")
+        return B, T
+
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  use_cache: bool = True, eos_id: int | None = None, generator: torch.Generator | None = None,
@@ -222,14 +250,7 @@ class DeepSeekV3(nn.Module):
         alone. A row that emitted eos_id continues with pad_id (default: eos_id) only; generation stops once every
         row has. Non-finite logits raise a RuntimeError. Returns [B, T + new tokens].
         """
-        if max_new_tokens < 0 or temperature < 0 or not 0 < top_p <= 1:
-            raise ValueError(f"need max_new_tokens >= 0, temperature >= 0 and 0 < top_p <= 1; got "
-                             f"{max_new_tokens}, {temperature}, {top_p}")
-        B, T = self._check_ids(input_ids, 0)
-        if T == 0:
-            raise ValueError("generate needs a prompt of at least one token")
-        if T + max_new_tokens > self.config.max_seq_len:
-            raise ValueError(f"prompt {T} + {max_new_tokens} new tokens exceed max_seq_len = {self.config.max_seq_len}")
+        B, T = self.check_generation(input_ids, max_new_tokens, temperature, top_p, "generate")
         pad_id = eos_id if pad_id is None else pad_id
         for name, token in (("eos_id", eos_id), ("pad_id", pad_id)):
             if token is not None and not 0 <= token < self.config.vocab_size:
@@ -317,12 +338,15 @@ def _cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
                       generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, vocab] -> token ids [B]: argmax at temperature 0, else sample from the top_p nucleus."""
-    if not bool(torch.isfinite(logits).all()):
-        rows = (~torch.isfinite(logits)).any(dim=-1).nonzero().flatten().tolist()
-        raise RuntimeError(f"the next-token logits of rows {rows} are not finite (NaN or inf): the model's weights "
-                           "or activations overflowed; nothing can be sampled from them")
+    check_finite(logits)
     if temperature == 0:
         return logits.argmax(dim=-1)
+    return torch.multinomial(sampling_probs(logits, temperature, top_p), 1, generator=generator).squeeze(-1)
+
+
+def sampling_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """logits [..., vocab] -> the distribution sample_next_token draws from at temperature > 0, [..., vocab] float32:
+    softmax(logits / temperature), cut to the top_p nucleus and renormalized to sum to one."""
     probs = (logits.float() / temperature).softmax(dim=-1)
     if top_p < 1:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
@@ -330,4 +354,13 @@ def sample_next_token(logits: torch.Tensor, temperature: float, top_p: float,
         outside = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         sorted_probs = sorted_probs.masked_fill(outside, 0.0)
         probs = torch.zeros_like(probs).scatter_(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+        probs = probs / probs.sum(dim=-1, keepdim=True)
+    return probs
+
+
+def check_finite(logits: torch.Tensor) -> None:
+    """Raise a RuntimeError naming the rows of logits [B, ..., vocab] that hold NaN or inf."""
+    if not bool(torch.isfinite(logits).all()):
+        rows = (~torch.isfinite(logits)).flatten(1).any(dim=-1).nonzero().flatten().tolist()
+        raise RuntimeError(f"the next-token logits of rows {rows} are not finite (NaN or inf): the model's weights "
+                           "or activations overflowed; nothing can be sampled from them")

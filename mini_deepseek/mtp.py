@@ -46,9 +46,12 @@ class MTPModule(Block):
         self.shared_head.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
     def forward(self, h_prev: torch.Tensor, emb_next: torch.Tensor, freqs_cis: torch.Tensor,
-                padding: torch.Tensor | None = None, counted: torch.Tensor | None = None) -> torch.Tensor:
+                padding: torch.Tensor | None = None, counted: torch.Tensor | None = None, start_pos: int = 0,
+                cache: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """h_prev [B, n, dim] = h^{k-1} at positions 0..n-1 (h^0: the main model's output after its final norm);
         emb_next [B, n, dim] = Emb(t_{i+k}) -> h^k [B, n, dim], normalized by shared_head.norm: the state the shared
-        output head and the next depth read. padding [B, n] and counted [B, n] as in Block.forward."""
+        output head and the next depth read. padding [B, n] and counted [B, n] as in Block.forward.
+        With a KV cache of its own (self_attn.new_cache), the n positions are start_pos.. and attend to the cached
+        ones before them, as the main model's blocks do: speculative.py drafts this way, one new position at a time."""
         h = self.eh_proj(torch.cat([self.enorm(emb_next), self.hnorm(h_prev)], dim=-1))  # [B, n, 2*dim] -> [B, n, dim]
-        return self.shared_head.norm(super().forward(h, freqs_cis, padding=padding, counted=counted))
+        return self.shared_head.norm(super().forward(h, freqs_cis, start_pos, cache, padding, counted))

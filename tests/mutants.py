@@ -59,8 +59,13 @@ MUTANTS: list[Mutant] = [
            "self.embed_tokens(input_ids[:, k:])", "self.embed_tokens(input_ids[:, k - 1:T - 1])",
            ("tests/test_model.py::test_model_is_causal_and_mtp_sees_exactly_one_more_token",)),
     Mutant("MTP modules read h before the main model's final norm (h^0 is after it)", "mini_deepseek/model.py",
-           "        h = self.norm(h)  # what the output head reads, and h^0 of the MTP modules (mtp.py)\n"
+           # _hidden ends with the final norm; the mutant skips it there (an identity forward for the one call) and
+           # applies it for the output head only, so the MTP modules get the un-normalized h
+           "        h = self._hidden(input_ids, freqs, start_pos, cache, padding, counted)  # [B, T, dim]\n"
            "        logits = self.lm_head(h).float()\n",
+           "        self.norm.__dict__['forward'] = lambda x: x\n"
+           "        h = self._hidden(input_ids, freqs, start_pos, cache, padding, counted)\n"
+           "        del self.norm.__dict__['forward']\n"
            "        logits = self.lm_head(self.norm(h)).float()\n",
            ("tests/test_model.py::test_mtp_reads_the_normalized_main_output_and_chains_through_the_head_norm",)),
     Mutant("nucleus sampling drops the token that crosses top_p", "mini_deepseek/model.py",
@@ -71,6 +76,20 @@ MUTANTS: list[Mutant] = [
            "probs = (logits.float() / temperature).softmax(dim=-1)",
            "probs = (logits.float() * temperature).softmax(dim=-1)",
            ("tests/test_sampling.py::test_temperature_divides_the_logits",)),
+    # --- speculative decoding with the MTP modules --------------------------------------------------------------
+    Mutant("speculative sampling accepts a draft with min(1, q/p) instead of min(1, p/q)",
+           "mini_deepseek/speculative.py",
+           "passed = u * q_draft < p_draft", "passed = u * p_draft < q_draft",
+           ("tests/test_speculative.py::test_verify_sampled_emits_the_target_distribution",)),
+    Mutant("speculative sampling resamples a rejection from p, not from max(0, p - q)",
+           "mini_deepseek/speculative.py",
+           "residual = (p[rows, accepted] - q_after[rows, accepted]).clamp_min(0)",
+           "residual = p[rows, accepted]",
+           ("tests/test_speculative.py::test_verify_sampled_emits_the_target_distribution",)),
+    Mutant("speculative decoding keeps the MTP cache entries that read a rejected draft (no rollback)",
+           "mini_deepseek/speculative.py",
+           "valid[k - 1] = min(n - 1, n + j - k)", "valid[k - 1] = min(n - 1, n + j + 1 - k)",
+           ("tests/test_speculative.py::test_drafts_are_what_the_training_forward_predicts",)),
     # --- RoPE and YaRN ------------------------------------------------------------------------------------------
     Mutant("YaRN: cos/sin left at magnitude 1", "mini_deepseek/rope.py",
            "magnitude = torch.full_like(angles, rope_attention_factor(cfg))", "magnitude = torch.ones_like(angles)",
@@ -272,7 +291,10 @@ MUTANTS: list[Mutant] = [
            ("tests/test_checkpoint.py::test_fp8_checkpoint",)),
     # --- data and training --------------------------------------------------------------------------------------
     Mutant("batches ignore the dataset's seed", "mini_deepseek/data.py",
-           "_batch_seed(self.seed, split, step)", "_batch_seed(0, split, step)",
+           "generator = torch.Generator().manual_seed(_batch_seed(self.seed, split, step))\n"
+           "        starts = torch.randint(",
+           "generator = torch.Generator().manual_seed(_batch_seed(0, split, step))\n"
+           "        starts = torch.randint(",
            ("tests/test_data.py::test_batches_depend_on_the_dataset_seed",)),
     Mutant("targets not shifted by one token", "mini_deepseek/data.py",
            "return chunk[:, :-1], chunk[:, 1:]", "return chunk[:, :-1], chunk[:, :-1]",
@@ -287,6 +309,16 @@ MUTANTS: list[Mutant] = [
     Mutant("DualPipe's bubble with zero-bubble's 2W instead of its own 3W", "mini_deepseek/pipeline/simulate.py",
            '"dualpipe": (P // 2 - 1) * (FB + B - 3 * W)', '"dualpipe": (P // 2 - 1) * (FB + B - 2 * W)',
            ("tests/test_pipeline.py::test_idle_time_equals_the_closed_form_on_every_device",)),
+    # --- GRPO (notebook 06) ---------------------------------------------------------------------------------------
+    Mutant("group advantages with the population std (n) instead of the sample std (n - 1)", "mini_deepseek/grpo.py",
+           "std = rewards.std(dim=1, keepdim=True)", "std = rewards.std(dim=1, keepdim=True, unbiased=False)",
+           ("tests/test_grpo.py::test_group_advantages_hand_computed",)),
+    Mutant("k3 with the log-ratio's sign flipped (log pi_theta / pi_ref)", "mini_deepseek/grpo.py",
+           "log_ratio = ref_logp - logp  # log(pi_ref / pi_theta)", "log_ratio = logp - ref_logp",
+           ("tests/test_grpo.py::test_kl_k3_hand_computed_and_shapes",)),
+    Mutant("the clipped surrogate takes the max instead of the min (clips on the wrong side)", "mini_deepseek/grpo.py",
+           "surrogate = torch.min(ratio * adv,", "surrogate = torch.max(ratio * adv,",
+           ("tests/test_grpo.py::test_grpo_loss_hand_computed_grpo_and_dapo",)),
     # --- FP8 training (notebook 04) ---
     Mutant("FP8 Dgrad: the weight transposed but its block scales not", "mini_deepseek/fp8_training.py",
            "w_t_q, w_t_s = w_q.T.contiguous(), w_s.T.contiguous()",

@@ -33,6 +33,22 @@ def test_kernel_benchmark_checks_correctness_on_the_cpu():
     assert "fp8_gemm" in out and "fused_moe" in out, out
 
 
+def test_speculative_benchmark_runs_and_keeps_the_tokens(tmp_path):
+    args = ["benchmarks/speculative.py", "--quick", "--repeats", "1", "--toy-steps", "2", "--hf-steps", "2",
+            "--checkpoint", str(tmp_path / "toy")]
+    try:
+        import transformers  # noqa: F401
+    except ImportError:
+        args.append("--skip-hf")
+    out = run(*args)
+    toy_rows = [line for line in out.splitlines() if line.startswith(("arithmetic ", "code "))]
+    assert len(toy_rows) == 4 and all(line.rstrip().endswith("True") for line in toy_rows), out
+    assert (tmp_path / "toy" / "config.json").is_file()  # trained and saved, as the notebook would have
+    if "--skip-hf" not in args:
+        rows = [line for line in out.splitlines() if line.startswith(("transformers generate", "mini_deepseek "))]
+        assert len(rows) == 3 and all(line.rstrip().endswith("True") for line in rows), out
+
+
 def test_fp8_training_benchmark_runs_both_precisions():
     out = run("benchmarks/fp8_train_step.py", "--quick", "--reps", "1")
     rows = [line for line in out.splitlines() if line.replace(" ", "").startswith(("|BF16|", "|FP8|"))]

@@ -5,17 +5,28 @@ import torch
 
 from mini_deepseek.data import (
     DOMAINS,
+    NUMERAL,
+    InterleavedDataset,
+    PairDataset,
     TokenDataset,
     arithmetic_problems,
+    arithmetic_tables,
     arithmetic_text,
     check_answer,
     extract_answer,
     make_problem,
+    make_word_problem,
     mixed_corpus,
+    number_to_words,
+    parse_number,
     prose_corpus,
     stdlib_corpus,
     text_files_corpus,
+    word_problem_pretraining,
+    word_problems,
+    write_number,
 )
+from mini_deepseek.tokenizer import TagTokenizer
 
 
 @pytest.mark.parametrize("kind, a, b, text", [
@@ -155,6 +166,138 @@ def test_dataset_errors():
         dataset.get_batch(0, 2, 4, split="test")
     with pytest.raises(ValueError, match="val_fraction"):
         TokenDataset(torch.arange(10), val_fraction=1.0)
+
+
+# --- word problems in two number languages (chapter 06) ------------------------------------------------------------
+@pytest.mark.parametrize("n, words", [(0, "zero"), (7, "seven"), (13, "thirteen"), (20, "twenty"),
+                                      (37, "thirty seven"), (99, "ninety nine")])
+def test_number_words(n, words):
+    assert number_to_words(n) == write_number(n, "words") == words
+    assert parse_number(words) == parse_number(f" {words.upper()} ") == parse_number(str(n)) == n
+    assert NUMERAL.findall(f"{words}+{n}={words}") == [words, str(n), words]
+
+
+def test_every_number_word_reads_back_and_bad_numbers_are_refused():
+    assert [parse_number(number_to_words(n)) for n in range(100)] == list(range(100))
+    assert parse_number("seven pens") is None and parse_number("") is None and parse_number("twenty-one") is None
+    with pytest.raises(ValueError, match="0..99"):
+        number_to_words(100)
+    with pytest.raises(ValueError, match="unknown number language"):
+        write_number(3, "roman")
+
+
+def test_extract_answer_reads_number_words():
+    assert extract_answer(" nine-two=seven; so seven\nQ: ...") == 7
+    assert extract_answer(" 8+9=17; so seventeen") == 17
+    assert check_answer(" so twenty one", 21) and not check_answer(" so twenty one", 20)
+
+
+@pytest.mark.parametrize("kwargs, text", [
+    (dict(), "Q: Ann has 7 pens, gets 5, loses 3. How many? A: 7+5=12; 12-3=9; so 9\n"),
+    (dict(all_at_once=True), "Q: Ann has 7 pens, gets 5, loses 3. How many? A: 7+5-3=9; so 9\n"),
+    (dict(language="words"),
+     "Q: Ann has seven pens, gets five, loses three. How many? A: seven+five=twelve; twelve-three=nine; so nine\n"),
+    (dict(language="words", switch_at=2),
+     "Q: Ann has seven pens, gets five, loses three. How many? A: seven+five=12; 12-3=9; so 9\n"),
+])
+def test_word_problem_solutions(kwargs, text):
+    problem = make_word_problem(7, [("+", 5), ("-", 3)], **kwargs)
+    assert problem.text == text
+    assert problem.answer == 9 and problem.level == 2 and problem.expression == "7+5-3"
+    assert problem.r1_completion == (f"<think>{problem.reasoning}; so {problem.answer_text}</think>"
+                                     f"<answer>{problem.answer_text}</answer>")
+    assert check_answer(problem.completion, 9)
+
+
+@pytest.mark.parametrize("args, match", [
+    ((5, [("-", 7)]), "within 0..20"),
+    ((15, [("+", 9)]), "within 0..20"),
+    ((5, [("*", 2)]), "'\\+' or '-'"),
+    ((5, []), "at least one step"),
+])
+def test_bad_word_problems(args, match):
+    with pytest.raises(ValueError, match=match):
+        make_word_problem(*args)
+
+
+def test_generated_word_problems_are_right_seeded_and_keep_out_excluded_expressions():
+    problems = word_problems(400, seed=4, levels=(1, 2, 3), words_share=0.4, all_at_once_share=0.5,
+                             switch_share=0.3)
+    assert problems == word_problems(400, seed=4, levels=(1, 2, 3), words_share=0.4, all_at_once_share=0.5,
+                                     switch_share=0.3)
+    for p in problems:
+        assert p.answer == eval(p.expression) and 0 <= p.answer <= 20  # the expression is digits, + and - only
+        assert extract_answer(p.completion) == p.answer and p.level == p.expression.count("+") + p.expression.count("-")
+    assert {p.level for p in problems} == {1, 2, 3} and {p.language for p in problems} == {"digits", "words"}
+    held_out = {p.expression for p in problems[:100]}
+    assert not held_out & {p.expression for p in word_problems(400, seed=5, exclude=held_out)}
+    with pytest.raises(ValueError, match="could not draw"):
+        word_problems(5, seed=0, levels=(1,), exclude={p.expression for p in word_problems(3000, seed=1, levels=(1,))})
+
+
+def test_pair_dataset_masks_the_prompt_and_pads():
+    tok = TagTokenizer()
+    data = PairDataset([("Q: 1+1? A:", "<think>1+1=2</think><answer>2</answer>"), ("Q:", " no")], tok)
+    # prompt 10 tokens + completion 10 (4 tags, "1+1=2", "2") + eos, less one: inputs never include the last token
+    assert data.max_len == 10 + 10 + 1 - 1
+    x, y = data.get_batch(0, 8, seq_len=64)
+    assert x.shape == y.shape and x.shape[1] in (data.max_len, 5)
+    for row_x, row_y in zip(x.tolist(), y.tolist(), strict=True):
+        n = len([t for t in row_y if t != -100])
+        if row_x[3] == ord("1"):  # the long example: the last prompt token predicts the first completion token
+            assert row_y[:9] == [-100] * 9 and n == 10 + 1
+            assert row_y[9] == tok.tag_ids["<think>"] and row_y[9 + n - 1] == tok.eos_id
+        else:  # "Q:" then " no" and eos: one prompt target masked, four to learn, then padding
+            assert row_y[:1] == [-100] and n == 4 and row_y[4] == tok.eos_id and row_x[5:] == [tok.pad_id] * 15
+    assert torch.equal(data.get_batch(3, 8, 64)[0], data.get_batch(3, 8, 64)[0])
+    with pytest.raises(ValueError, match="does not fit seq_len"):
+        data.get_batch(0, 8, seq_len=10)
+    with pytest.raises(ValueError, match="prompt is empty"):
+        PairDataset([("", "x")], tok)
+    with pytest.raises(ValueError, match="val split"):
+        data.get_batch(0, 2, 64, split="val")
+
+
+def test_arithmetic_tables_hold_every_step_of_the_word_problems():
+    tables = arithmetic_tables(12)
+    assert ("7+5=", "12") in tables and ("twelve-three=", "nine") in tables and ("5-7=", "-2") not in tables
+    facts = {prompt + answer for prompt, answer in tables}
+    assert len(facts) == len(tables)
+    for problem in word_problems(300, seed=1, max_count=12, words_share=0.5):
+        assert all(step in facts for step in problem.reasoning.split("; ")), problem.reasoning
+    with pytest.raises(ValueError, match="max_count"):
+        arithmetic_tables(0)
+
+
+def test_interleaved_dataset_takes_turns():
+    first, second = PairDataset([("a", "1")]), PairDataset([("bb", "22")])
+    mixed = InterleavedDataset(first, second)
+    for step in range(4):
+        expected = (first if step % 2 == 0 else second).get_batch(step // 2, 2, 8)
+        assert all(torch.equal(x, y) for x, y in zip(mixed.get_batch(step, 2, 8), expected, strict=True))
+    assert len(mixed) == 2
+    scaled = InterleavedDataset(first, second, batch_scale=(1, 3))
+    assert scaled.get_batch(0, 2, 8)[0].shape[0] == 2 and scaled.get_batch(1, 2, 8)[0].shape[0] == 6
+    with pytest.raises(ValueError, match="batch_scale"):
+        InterleavedDataset(first, second, batch_scale=(1,))
+
+
+def test_word_problem_pretraining_mixes_formats_and_takes_turns_with_the_tables():
+    tok = TagTokenizer()
+    problems = word_problems(200, seed=3, max_count=10)
+    plain = word_problem_pretraining(problems, tok, max_count=10)
+    tagged = word_problem_pretraining(problems, tok, max_count=10, r1_share=1.0)
+    some = word_problem_pretraining(problems, tok, max_count=10, r1_share=0.3, seed=1)
+    think = tok.tag_ids["<think>"]
+    shares = []
+    for data in (plain, tagged, some):
+        problems_part, tables_part = data.datasets
+        assert len(tables_part) == len(arithmetic_tables(10)) and len(problems_part) == len(problems)
+        targets = [t for _, t in problems_part.splits["train"]]
+        shares.append(sum(think in t for t in targets) / len(targets))
+    assert shares[0] == 0.0 and shares[1] == 1.0 and 0.2 < shares[2] < 0.4
+    with pytest.raises(ValueError, match="r1_share"):
+        word_problem_pretraining(problems, tok, r1_share=1.5)
 
 
 def test_mixed_corpus_labels_every_token_with_its_domain():

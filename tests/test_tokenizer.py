@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from mini_deepseek.config import ModelConfig
-from mini_deepseek.tokenizer import SPECIAL_TOKENS, ByteTokenizer
+from mini_deepseek.tokenizer import SPECIAL_TOKENS, ByteTokenizer, TagTokenizer
 
 tok = ByteTokenizer()
 
@@ -63,3 +63,14 @@ def test_batch_padding(side):
     assert tok.decode_batch(batch) == ["ab", "", "ü"]
     with pytest.raises(ValueError, match="padding_side"):
         tok.encode_batch(["a"], padding_side="middle")
+
+
+def test_tag_tokenizer_writes_the_r1_tags_as_single_tokens():
+    tags = TagTokenizer()
+    text = "<think>7+5=12</think> <answer>12</answer>"
+    ids = tags.encode(text, eos=True)
+    assert ids[0] == tags.token_id("<|reserved_0|>") == 259 and ids.count(262) == 1 and ids[-1] == tags.eos_id
+    assert len(ids) == len(text.encode()) - (7 + 8 + 8 + 9) + 4 + 1
+    assert tags.decode(ids) == text + "<|eos|>" and tags.decode(ids, skip_special=True) == text
+    assert tags.decode(tok.encode(text)) == text  # the plain bytes still read the same
+    assert tags.encode("a<thinking>b") == list(b"a<thinking>b")  # only the four exact tags

@@ -1,0 +1,143 @@
+"""Figures and tables of notebook 06 (GRPO and the R1 recipe). matplotlib is imported inside each function, so the
+library itself does not need it."""
+
+from __future__ import annotations
+
+import torch
+
+from .grpo import kl_k3
+from .plots import smooth
+from .train import History
+
+
+def _box(ax, xy: tuple[float, float], text: str, color: str, width: float = 0.2, height: float = 0.16) -> None:
+    from matplotlib.patches import FancyBboxPatch
+
+    x, y = xy
+    ax.add_patch(FancyBboxPatch((x - width / 2, y - height / 2), width, height, boxstyle="round,pad=0.01",
+                                facecolor=color, edgecolor="0.3"))
+    ax.text(x, y, text, ha="center", va="center", fontsize=8.5)
+
+
+def _arrow(ax, start: tuple[float, float], end: tuple[float, float], label: str = "") -> None:
+    ax.annotate("", xy=end, xytext=start, arrowprops=dict(arrowstyle="->", color="0.25", lw=1.2))
+    if label:
+        ax.text((start[0] + end[0]) / 2, (start[1] + end[1]) / 2 + 0.045, label, ha="center", fontsize=7.5,
+                color="0.25")
+
+
+TRAINED, FROZEN, RULE = "#f6c89f", "#cfe2f3", "#d9ead3"  # box colors: trained model, frozen model, no model
+
+
+# Each panel as data: boxes (center, text, color, width) and arrows (start, end, label).
+_PANELS = {
+    "PPO": ([((0.1, 0.5), "prompt q", "white", 0.14), ((0.33, 0.5), "policy\n(trained)", TRAINED, 0.2),
+             ((0.58, 0.82), "reference\n(frozen)", FROZEN, 0.2), ((0.58, 0.5), "reward\n(rule or model)", RULE, 0.2),
+             ((0.58, 0.18), "value model\n(trained)", TRAINED, 0.2),
+             ((0.86, 0.5), "GAE advantage\nper token", "white", 0.22)],
+            [((0.17, 0.5), (0.23, 0.5), ""), ((0.43, 0.55), (0.48, 0.78), "o"), ((0.43, 0.5), (0.48, 0.5), "o"),
+             ((0.43, 0.45), (0.48, 0.22), "o"), ((0.68, 0.82), (0.8, 0.58), "KL in r"),
+             ((0.68, 0.5), (0.75, 0.5), "r"), ((0.68, 0.18), (0.8, 0.42), "V")]),
+    "GRPO (no value model)": (
+        [((0.1, 0.5), "prompt q", "white", 0.14), ((0.33, 0.5), "policy\n(trained)", TRAINED, 0.2),
+         ((0.58, 0.82), "reference\n(frozen)", FROZEN, 0.2), ((0.58, 0.42), "rule rewards\nr_1 .. r_G", RULE, 0.2),
+         ((0.86, 0.42), "(r_i - mean)\n/ std", "white", 0.2)],
+        [((0.17, 0.5), (0.23, 0.5), ""), ((0.43, 0.55), (0.48, 0.78), "o_1..o_G"),
+         ((0.43, 0.45), (0.48, 0.42), "o_1..o_G"), ((0.68, 0.42), (0.76, 0.42), "")]),
+}
+
+
+def draw_ppo_vs_grpo(axes) -> None:
+    """Two panels: PPO's models (policy, value model, reference; a reward) against GRPO's (policy, reference)."""
+    for ax, (title, (boxes, arrows)) in zip(axes, _PANELS.items(), strict=True):
+        ax.set(xlim=(0, 1), ylim=(0, 1), title=title)
+        ax.axis("off")
+        for center, text, color, width in boxes:
+            _box(ax, center, text, color, width)
+        for start, end, label in arrows:
+            _arrow(ax, start, end, label)
+    axes[1].text(0.62, 0.66, "KL (k3) in the loss", fontsize=7.5, color="0.25")
+
+
+def plot_clipped_objective(axes, clip_eps: float = 0.2) -> None:
+    """min(r A, clip(r, 1 - eps, 1 + eps) A) against the ratio r, for A = +1 and A = -1 (where the gradient stops)."""
+    ratio = torch.linspace(0.4, 1.8, 281)
+    for ax, adv in zip(axes, (1.0, -1.0), strict=True):
+        unclipped = ratio * adv
+        objective = torch.min(unclipped, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)
+        ax.plot(ratio, unclipped, "--", color="0.6", label="r A (unclipped)")
+        ax.plot(ratio, objective, color="C3", lw=2, label="min(r A, clip(r) A)")
+        flat = (ratio > 1 + clip_eps) if adv > 0 else (ratio < 1 - clip_eps)
+        ax.fill_between(ratio, objective.min().item() - 0.1, objective.max().item() + 0.1, where=flat.numpy(),
+                        color="C3", alpha=0.08, label="clipped: no gradient")
+        for edge in (1 - clip_eps, 1 + clip_eps):
+            ax.axvline(edge, color="0.8", lw=0.8)
+        ax.set(xlabel="ratio r = pi_theta / pi_old", title=f"advantage A = {adv:+.0f}")
+        ax.legend(fontsize=7.5, loc="upper left" if adv > 0 else "lower left")
+    axes[0].set_ylabel("per-token objective")
+
+
+def plot_kl_estimators(ax) -> None:
+    """k1, k2 and k3 of KL(pi_theta || pi_ref) for one token, against pi_ref / pi_theta."""
+    ratio = torch.linspace(0.05, 4.0, 400)  # pi_ref / pi_theta
+    log_ratio = ratio.log()
+    ax.plot(ratio, -log_ratio, label="k1 = -log(pi_ref / pi_theta)", color="0.6")
+    ax.plot(ratio, 0.5 * log_ratio**2, label="k2 = (log ratio)^2 / 2", color="C0")
+    ax.plot(ratio, kl_k3(torch.zeros_like(ratio), log_ratio), label="k3 = ratio - log ratio - 1", color="C3", lw=2)
+    ax.axhline(0, color="k", lw=0.6)
+    ax.set(xlabel="pi_ref / pi_theta for the sampled token", ylabel="estimate", ylim=(-1.5, 3),
+           title="per-token KL estimators (unbiased: k1, k3; never negative: k2, k3)")
+    ax.legend(fontsize=8)
+
+
+def draw_r1_pipeline(ax, accuracies: dict[str, str] | None = None) -> None:
+    """DeepSeek-R1's stages as boxes; accuracies: optional text under each stage (keys as the stage names)."""
+    stages = [("base model", FROZEN), ("cold start\nSFT", TRAINED), ("reasoning RL\n(GRPO)", TRAINED),
+              ("rejection sampling\n+ SFT", TRAINED), ("distillation\ninto a smaller model", TRAINED)]
+    ax.set(xlim=(0, 1), ylim=(0, 1))
+    ax.axis("off")
+    xs = [0.09 + i * 0.205 for i in range(len(stages))]
+    for x, (name, color) in zip(xs, stages, strict=True):
+        _box(ax, (x, 0.6), name, color, width=0.17, height=0.3)
+        if accuracies and name in accuracies:
+            ax.text(x, 0.3, accuracies[name], ha="center", va="top", fontsize=8)
+    for a, b in zip(xs, xs[1:], strict=False):
+        _arrow(ax, (a + 0.087, 0.6), (b - 0.087, 0.6))
+    ax.text(0.5, 0.97, "R1-Zero skips the cold start and the later stages: base model -> GRPO", ha="center",
+            fontsize=8.5, color="0.3")
+
+
+CURVES = (("reward", "reward (mean of the samples)"), ("val_accuracy", "held-out accuracy (greedy)"),
+          ("kl", "KL to the reference (k3)"), ("length", "completion length (tokens)"),
+          ("clip_fraction", "clip fraction"))
+
+
+def plot_grpo_curves(axes, histories: dict[str, History], window: int = 5) -> None:
+    """One panel per curve of CURVES, one line per run (name -> History)."""
+    for ax, (key, title) in zip(axes, CURVES, strict=True):
+        for i, (name, history) in enumerate(histories.items()):
+            steps, values = history.series(key)
+            if key.startswith("val_"):
+                ax.plot(steps, values, "o-", color=f"C{i}", label=name)
+            elif steps:
+                ax.plot(steps, values, color=f"C{i}", lw=0.5, alpha=0.3)
+                ax.plot(steps, smooth(values, window), color=f"C{i}", lw=1.6, label=name)
+        ax.set(title=title, xlabel="GRPO step")
+    axes[0].legend(fontsize=8)
+
+
+def format_gb(n: float) -> str:
+    """Bytes in GB (10^9 bytes, the course's unit): 1.34e13 -> '13,421 GB'; below 1 GB in MB."""
+    return f"{n / 1e9:,.0f} GB" if n >= 1e9 else f"{n / 1e6:,.1f} MB"
+
+
+def format_count(n: float) -> str:
+    """A parameter count: 671026404352 -> '671.0B'."""
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:,.1f}{unit}"
+    return str(int(n))
+
+
+__all__ = ["CURVES", "draw_ppo_vs_grpo", "draw_r1_pipeline", "format_count", "format_gb", "plot_clipped_objective",
+           "plot_grpo_curves", "plot_kl_estimators"]
