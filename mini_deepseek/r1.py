@@ -232,7 +232,14 @@ def _optimize_on_batch(policy: nn.Module, reference: nn.Module, optimizer: torch
                        cfg: GRPOConfig, pad_id: int) -> dict[str, float]:
     """updates_per_batch optimizer steps on one batch, micro-batch by micro-batch. Each micro-batch's loss is
     weighted so that the accumulated gradient is exactly that of grpo_loss over the whole batch. pi_old's
-    log-probs are the policy's own in the first pass (before any update), the reference's are computed once."""
+    log-probs are the policy's own in the first pass (before any update), the reference's are computed once.
+
+    The logged "kl" is the mean k3 of the first pass only: there the tokens are samples of the policy being scored,
+    so k3 estimates KL(pi_theta || pi_ref) without bias. After an update they are samples of pi_old, and k3 =
+    pi_ref/pi_theta - log(...) - 1 on a token the update made unlikely is unbounded: in notebook 06 one token whose
+    log-prob fell from -0.22 to -12.6 in one update gave k3 = 1.5e5 and a logged mean of 41
+    (the other 1,795 tokens averaged 0.14; the exact KL at that position was 1.4 nats).
+    The loss still uses k3 on every pass, as DeepSeekMath (eq. 3) and TRL do."""
     N = len(completions)
     micro = [slice(s, min(s + cfg.micro_batch_size, N)) for s in range(0, N, cfg.micro_batch_size)]
     n_tokens = [sum(len(c) for c in completions[m]) for m in micro]
@@ -253,8 +260,10 @@ def _optimize_on_batch(policy: nn.Module, reference: nn.Module, optimizer: torch
             # grpo averages over completions, dapo over tokens: weigh each micro-batch by its share of either
             share = (m.stop - m.start) / N if cfg.loss_type == "grpo" else n_tokens[k] / max(1, sum(n_tokens))
             (loss * share).backward()
-            for key in totals:  # statistics are token means: weigh by tokens, averaged over the updates
-                totals[key] += stats[key] * n_tokens[k] / max(1, sum(n_tokens)) / cfg.updates_per_batch
+            for key in totals:  # token means, averaged over the passes they count in (kl: the first only)
+                passes = 1 if key == "kl" else cfg.updates_per_batch
+                if update < passes:
+                    totals[key] += stats[key] * n_tokens[k] / max(1, sum(n_tokens)) / passes
         nn.utils.clip_grad_norm_(policy.parameters(), cfg.grad_clip if cfg.grad_clip else math.inf)
         optimizer.step()
     return totals

@@ -112,18 +112,49 @@ CURVES = (("reward", "reward (mean of the samples)"), ("val_accuracy", "held-out
           ("clip_fraction", "clip fraction"))
 
 
-def plot_grpo_curves(axes, histories: dict[str, History], window: int = 5) -> None:
-    """One panel per curve of CURVES, one line per run (name -> History)."""
+def plot_grpo_curves(axes, histories: dict[str, History | list[History]], window: int = 5) -> None:
+    """One panel per curve of CURVES, one color per run (name -> History, or a list of one History per seed).
+    With seeds, each seed is a thin line and their mean at each step a thick one."""
     for ax, (key, title) in zip(axes, CURVES, strict=True):
-        for i, (name, history) in enumerate(histories.items()):
-            steps, values = history.series(key)
-            if key.startswith("val_"):
-                ax.plot(steps, values, "o-", color=f"C{i}", label=name)
-            elif steps:
-                ax.plot(steps, values, color=f"C{i}", lw=0.5, alpha=0.3)
-                ax.plot(steps, smooth(values, window), color=f"C{i}", lw=1.6, label=name)
+        for i, (name, runs) in enumerate(histories.items()):
+            runs = runs if isinstance(runs, list) else [runs]
+            series = [h.series(key) for h in runs]
+            if not series[0][0]:
+                continue
+            steps = series[0][0]
+            curves = [values if key.startswith("val_") else smooth(values, window) for _, values in series]
+            style = "o-" if key.startswith("val_") else "-"
+            if len(runs) > 1:
+                for values in curves:
+                    ax.plot(steps, values, style, color=f"C{i}", lw=0.7, alpha=0.35, ms=3)
+            label = f"{name} (mean of {len(runs)} seeds)" if len(runs) > 1 else name
+            ax.plot(steps, mean_over_seeds(curves), style, color=f"C{i}", lw=1.6, label=label)
         ax.set(title=title, xlabel="GRPO step")
     axes[0].legend(fontsize=8)
+
+
+def mean_over_seeds(runs: list) -> list[float] | dict[str, float]:
+    """Mean over seeds of equally long lists (one per seed) or of dicts with the same keys: [[1, 2], [3, 4]] ->
+    [2.0, 3.0]; [{"a": 0.5}, {"a": 0.7}] -> {"a": 0.6}."""
+    if not runs:
+        raise ValueError("mean_over_seeds needs at least one seed's values")
+    if isinstance(runs[0], dict):
+        if any(set(r) != set(runs[0]) for r in runs):
+            raise ValueError(f"the seeds' metrics have different keys: {[sorted(r) for r in runs]}")
+        return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+    if len({len(r) for r in runs}) != 1:
+        raise ValueError(f"the seeds' curves have different lengths: {[len(r) for r in runs]}")
+    return [sum(values) / len(runs) for values in zip(*runs, strict=True)]
+
+
+def format_seeds(values: list[float], percent: bool = True) -> str:
+    """The mean over seeds, then each seed's value: [0.53, 0.505, 0.55] -> '52.8% (53.0 / 50.5 / 55.0)';
+    percent=False for plain numbers: [27.5, 30.25] -> '28.9 (27.5 / 30.2)'. One seed: just its value."""
+    scale, unit = (100, "%") if percent else (1, "")
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean * scale:.1f}{unit}"
+    return f"{mean * scale:.1f}{unit} ({' / '.join(f'{v * scale:.1f}' for v in values)})"
 
 
 def format_gb(n: float) -> str:
@@ -139,5 +170,5 @@ def format_count(n: float) -> str:
     return str(int(n))
 
 
-__all__ = ["CURVES", "draw_ppo_vs_grpo", "draw_r1_pipeline", "format_count", "format_gb", "plot_clipped_objective",
-           "plot_grpo_curves", "plot_kl_estimators"]
+__all__ = ["CURVES", "draw_ppo_vs_grpo", "draw_r1_pipeline", "format_count", "format_gb", "format_seeds",
+           "mean_over_seeds", "plot_clipped_objective", "plot_grpo_curves", "plot_kl_estimators"]

@@ -11,6 +11,7 @@ from torch.testing import assert_close
 
 from mini_deepseek import DeepSeekV3, ModelConfig, TrainConfig
 from mini_deepseek.data import make_word_problem, word_problems
+from mini_deepseek.grpo import kl_k3
 from mini_deepseek.params import count_params
 from mini_deepseek.r1 import (
     BYTES_FROZEN,
@@ -125,6 +126,27 @@ def test_micro_batches_add_up_to_the_whole_batch(loss_type):
     assert_close(grads[2], grads[0], atol=1e-6, rtol=1e-5)
 
 
+def test_logged_kl_is_the_on_policy_estimate_before_the_updates():
+    # After an update the tokens are samples of pi_old, not of pi_theta: k3 on them is unbounded (notebook 06 logged
+    # 41 from one token), so the logged KL is the mean k3 of the first pass, where pi_theta sampled the tokens.
+    torch.manual_seed(0)
+    prompts = [[3 + i, 4, 5][: 1 + i % 3] for i in range(6)]
+    completions = [list(range(20, 20 + n)) for n in (1, 4, 2, 5, 3, 1)]
+    advantages = torch.randn(6)
+    policy, reference = tiny_model().eval(), tiny_model(seed=1).eval()
+    with torch.no_grad():
+        logp, mask = completion_logprobs(policy, prompts, completions, tok.pad_id)
+        ref_logp, _ = completion_logprobs(reference, prompts, completions, tok.pad_id)
+    expected = float(torch.where(mask, kl_k3(logp, ref_logp), 0.0).sum() / mask.sum())
+    optimizer = torch.optim.SGD(policy.parameters(), lr=0.5)  # a large step: the second pass's k3 differs a lot
+    cfg = GRPOConfig(updates_per_batch=2, micro_batch_size=4, grad_clip=0.0, beta=0.1)
+    stats = _optimize_on_batch(policy, reference, optimizer, prompts, completions, advantages, cfg, tok.pad_id)
+    assert stats["kl"] == pytest.approx(expected, rel=1e-5)
+    with torch.no_grad():
+        moved, _ = completion_logprobs(policy, prompts, completions, tok.pad_id)
+    assert not torch.allclose(torch.where(mask, moved, 0.0), torch.where(mask, logp, 0.0), atol=1e-2)
+
+
 def test_grpo_train_runs_and_logs_every_curve(monkeypatch):
     # A random model earns no rule reward, so no advantage, so no update: reward texts whose bytes sum to an even
     # number instead.
@@ -218,3 +240,44 @@ def test_rl_memory_counts_the_value_model():
     assert memory["GRPO"]["bytes"] == policy * (BYTES_TRAINED + BYTES_FROZEN)
     v3 = rl_memory(ModelConfig.preset("v3"))
     assert v3["GRPO"]["policy"] == 671_026_404_352  # the published 671B, from the config alone
+
+
+def test_mean_over_seeds_and_format_seeds():
+    from mini_deepseek.r1_plots import format_seeds, mean_over_seeds
+
+    assert mean_over_seeds([[1.0, 2.0], [3.0, 6.0]]) == [2.0, 4.0]
+    assert mean_over_seeds([{"a": 0.5, "b": 1.0}, {"a": 0.7, "b": 3.0}]) == pytest.approx({"a": 0.6, "b": 2.0})
+    assert mean_over_seeds([{"a": 0.5}, {"a": 0.7}, {"a": 0.9}]) == pytest.approx({"a": 0.7})
+    with pytest.raises(ValueError, match="different lengths"):
+        mean_over_seeds([[1.0], [1.0, 2.0]])
+    with pytest.raises(ValueError, match="different keys"):
+        mean_over_seeds([{"a": 1.0}, {"b": 1.0}])
+    with pytest.raises(ValueError, match="at least one"):
+        mean_over_seeds([])
+    assert format_seeds([0.53, 0.505, 0.55]) == "52.8% (53.0 / 50.5 / 55.0)"
+    assert format_seeds([27.5, 30.0], percent=False) == "28.8 (27.5 / 30.0)"
+    assert format_seeds([0.4]) == "40.0%"
+
+
+def test_plot_grpo_curves_draws_each_seed_and_their_mean():
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mini_deepseek.r1_plots import CURVES, plot_grpo_curves
+    from mini_deepseek.train import History
+
+    runs = []
+    for offset in (0.0, 1.0):
+        h = History()
+        h.train = [{"step": s, "reward": s + offset, "kl": 0.1, "length": 10.0, "clip_fraction": 0.0}
+                   for s in (1, 2)]
+        h.evals = [{"step": 2, "val_accuracy": 0.2 + offset / 10}]
+        runs.append(h)
+    fig, axes = plt.subplots(1, len(CURVES))
+    plot_grpo_curves(axes, {"two seeds": runs, "one": runs[0]}, window=1)
+    reward_lines = axes[0].get_lines()
+    assert len(reward_lines) == 4  # two seeds + their mean, then the single run
+    assert list(reward_lines[2].get_ydata()) == [1.5, 2.5]
+    assert list(axes[1].get_lines()[2].get_ydata()) == pytest.approx([0.25])
+    plt.close(fig)
