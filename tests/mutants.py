@@ -137,8 +137,10 @@ MUTANTS: list[Mutant] = [
     Mutant("MLA: latent c_KV not normalized (kv_a_layernorm skipped)", "mini_deepseek/mla.py",
            "c_kv = self.kv_a_layernorm(c_kv)", "c_kv = c_kv",
            ("tests/exercises/test_ex01_attention.py", SOLVED, "--exercise=mla_keys_values")),
-    Mutant("RMSNorm computed in the input dtype (bf16)", "mini_deepseek/norm.py",
-           "    x32 = x.float()\n", "    x32 = x\n",
+    Mutant("RMSNorm rounded twice: cast to bf16, then the weight (as transformers' RMSNorm does)",
+           "mini_deepseek/norm.py",
+           "return F.rms_norm(x.float(), (x.shape[-1],), weight.float(), eps).to(x.dtype)",
+           "return F.rms_norm(x.float(), (x.shape[-1],), None, eps).to(x.dtype) * weight.to(x.dtype)",
            ("tests/test_norm.py::test_rms_norm_is_the_exact_value_rounded_once",)),
     # --- the MoE gate -------------------------------------------------------------------------------------------
     Mutant("bias update sign flipped (load - mean)", "mini_deepseek/moe.py",
