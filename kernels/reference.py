@@ -159,7 +159,7 @@ def fused_moe(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, topk_weights:
     """y[t] = sum_j topk_weights[t, j] * W2[e] (silu(W_gate[e] x[t]) * W_up[e] x[t]), e = topk_ids[t, j].
 
     x [T, H], w1 [E, 2I, H] (gate rows then up rows), w2 [E, H, I], topk_* [T, k] -> y [T, H] in x.dtype.
-    A loop over experts in `compute_dtype`, differentiable (the library's MoE layer trains through it). With FP8
+    A loop over experts in `compute_dtype`, differentiable (the library's grouped experts are tested against it). With FP8
     weights (w1_scale / w2_scale given) it reproduces the w8a8 kernel's quantization points: weights dequantized
     from their block_size x block_size blocks, and the input and the SwiGLU output (in x.dtype, as the kernel stores it) quantized per token in 1 x block_size tiles.
     gemm(a [n, in], w [out, in]) -> a w^T [n, out], if given, computes every expert's two products instead (w is

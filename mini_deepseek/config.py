@@ -15,6 +15,10 @@ from typing import Any
 
 ATTENTION_TYPES = ("mla", "mha", "gqa", "mqa")
 SCORE_FUNCS = ("sigmoid", "softmax")
+# "naive" decompresses K/V per head and caches them; "absorb" caches only the latent + rope key; "auto" (the default)
+# runs absorbed wherever a KV cache is used (generate: DeepSeek's inference code always absorbs) and naive without
+# one (training, evaluation), which is how DeepSeek trains and serves (mla.py).
+MLA_MODES = ("auto", "naive", "absorb")
 
 
 @dataclass
@@ -41,7 +45,7 @@ class ModelConfig:
     qk_nope_head_dim: int = 32  # MLA: per-head query/key size that carries no position (d_h)
     qk_rope_head_dim: int = 16  # MLA: per-head decoupled RoPE size (d_h^R); the rope key is shared by heads
     v_head_dim: int = 32  # MLA: per-head value size
-    mla_mode: str = "naive"  # MLA: "naive" caches decompressed K/V; "absorb" caches only the latent + rope key
+    mla_mode: str = "auto"  # MLA: "auto" absorbed with a KV cache (inference), naive without (training); or force one
 
     # --- mixture of experts ------------------------------------------------------------------------------------
     n_routed_experts: int = 8  # routed experts per MoE layer
@@ -106,8 +110,8 @@ class ModelConfig:
             kv = self.n_kv_heads or self.n_heads
             if self.n_heads % kv:
                 fail("n_kv_heads", f"must divide n_heads = {self.n_heads} (each KV head serves a whole group)")
-        if self.mla_mode not in ("naive", "absorb"):
-            fail("mla_mode", "must be 'naive' or 'absorb'")
+        if self.mla_mode not in MLA_MODES:
+            fail("mla_mode", f"must be one of {MLA_MODES}")
         # Rotary embeddings rotate pairs of dimensions, so every rotated size must be even.
         if self.qk_rope_head_dim % 2:
             fail("qk_rope_head_dim", "must be even (RoPE rotates pairs of dimensions)")
@@ -164,9 +168,10 @@ class ModelConfig:
         return scale
 
     def kv_cache_elements_per_token(self) -> int:
-        """Elements cached per token over all layers (DeepSeek-V2, Table 1), for this config's attention."""
+        """Elements cached per token over all layers (DeepSeek-V2, Table 1), for this config's attention (MLA's
+        "auto" mode caches the latent, as "absorb" does)."""
         if self.attn_type == "mla":
-            per_layer = (self.kv_lora_rank + self.qk_rope_head_dim) if self.mla_mode == "absorb" else \
+            per_layer = (self.kv_lora_rank + self.qk_rope_head_dim) if self.mla_mode != "naive" else \
                 self.n_heads * (self.qk_head_dim + self.v_head_dim)
         else:
             per_layer = 2 * self.kv_heads * self.head_dim

@@ -152,7 +152,7 @@ class ExpertParallelMoE(nn.Module):
         """rows [R, D] -> each row through its local expert, unweighted (the gating weight is applied at home)."""
         started = self._now()
         ones = torch.ones(rows.shape[0], 1, dtype=rows.dtype, device=rows.device)
-        out = self.experts(rows, ones, plan.local_ids[:, None])  # the library's expert loop, one expert per row
+        out = self.experts(rows, ones, plan.local_ids[:, None])  # the library's grouped experts, one expert per row
         self.stats.expert_seconds += self._now() - started
         return out
 

@@ -5,7 +5,7 @@ plain PyTorch); this switch decides *whether* the library calls the kernels at a
 
     mini_deepseek.set_kernels("auto")  # the default: the kernels when compiled Triton runs them and x is on the GPU
     mini_deepseek.set_kernels("on")    # always (on a CPU with Triton, interpreted: slow, but it steps through them)
-    mini_deepseek.set_kernels("off")   # never: the MoE loop over experts, and `kernels.reference` for FP8 layers
+    mini_deepseek.set_kernels("off")   # never: the grouped experts of moe.py, and `kernels.reference` for FP8 layers
 
 "auto" leaves the interpreter out because it takes tens to hundreds of milliseconds per kernel call: right for
 reading and testing the kernels, far too slow to train or generate on a laptop. Without the kernels, FP8 layers

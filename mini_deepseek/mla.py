@@ -9,11 +9,18 @@ too (d_c' = 1536) to save activation memory in training. Per head:
 Position cannot live in the compressed part: RoPE(W_UK c) depends on the position, so W_UK could no longer be
 folded into the query. The decoupled rope key carries position instead, on a few extra dimensions.
 
-Two modes with equal outputs:
-- "naive": decompress K and V per head (W_UK, W_UV) and cache them: n_h * (d_h + d_h^R + d_v) per token.
-- "absorb": fold W_UK into the query (q^C W_UK scores directly against the latent) and W_UV into the output,
+Two paths with equal outputs (up to float rounding):
+- naive: decompress K and V per head (W_UK, W_UV) and cache them: n_h * (d_h + d_h^R + d_v) per token.
+- absorbed: fold W_UK into the query (q^C W_UK scores directly against the latent) and W_UV into the output,
   cache only [c_KV ; k^R] (d_c + d_h^R = 576 per token and layer in V3). Attention then is multi-query attention
   over the latent: one 576-dim key shared by all heads, whose first d_c dims are also the value.
+ModelConfig.mla_mode picks one: "naive" or "absorb" everywhere, or "auto" (the default), which caches the latent and
+decodes absorbed but runs the per-head (naive) attention wherever it is cheaper: without a cache (training,
+evaluation) and for a prompt's prefill (start_pos 0), whose keys are all in hand. Per head and key, absorbed
+attention multiplies over d_c + d_h^R and d_c (V3: 1,088) against naive's d_h + d_h^R and d_v (320): for T queries
+over S keys that outweighs decompressing S latents unless T is small (decoding: T = 1). Serving systems split
+the same way (an MHA kernel for prefill, FlashMLA's absorbed MQA for decoding); DeepSeek's own inference code
+absorbs throughout.
 
 Module names follow the published Hugging Face checkpoints (q_a_proj, kv_a_proj_with_mqa, ...).
 """
@@ -50,8 +57,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.kv_b_proj = nn.Linear(self.kv_rank, self.n_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.v_dim, cfg.dim, bias=False)
 
+    def absorbs(self, cache: dict[str, torch.Tensor] | None, start_pos: int) -> bool:
+        """Whether a forward with this cache (or None) at start_pos runs absorbed: the rule of the module docstring."""
+        return self.mode == "absorb" or (self.mode == "auto" and cache is not None and start_pos > 0)
+
     def new_cache(self, batch_size: int, max_len: int, dtype: torch.dtype, device=None) -> dict[str, torch.Tensor]:
-        if self.mode == "absorb":  # one shared "head": [c_KV ; k^R]
+        if self.mode != "naive":  # "absorb" and "auto" cache the latent: one shared "head" [c_KV ; k^R]
             return {"latent": torch.zeros(batch_size, 1, max_len, self.kv_rank + self.rope_dim, dtype=dtype, device=device)}
         H = self.n_heads
         return {"k": torch.zeros(batch_size, H, max_len, self.nope_dim + self.rope_dim, dtype=dtype, device=device),
@@ -68,7 +79,15 @@ class MultiHeadLatentAttention(nn.Module):
         c_kv, k_pe = self.kv_a_proj_with_mqa(x).split([self.kv_rank, self.rope_dim], dim=-1)  # [B,T,d_c], [B,T,d_h^R]
         c_kv = self.kv_a_layernorm(c_kv)
         k_pe = apply_rotary_emb(k_pe.unsqueeze(2), freqs_cis)  # [B, T, 1, d_h^R]: one rope key for all heads
-        if self.mode == "absorb":
+        absorbed = self.absorbs(cache, start_pos)
+        if cache is not None and ("latent" in cache) != (self.mode != "naive"):
+            raise ValueError(f"the KV cache holds {sorted(cache)} but mla_mode {self.mode!r} caches "
+                             f"{'the latent' if self.mode != 'naive' else 'per-head K/V'}: build the cache after "
+                             "set_mla_mode")
+        if self.mode == "auto" and cache is not None and not absorbed:  # prefill: cache the latent, attend per head
+            write_cache(cache["latent"], torch.cat([c_kv, k_pe.squeeze(2)], dim=-1).unsqueeze(1), start_pos)
+            cache = None
+        if absorbed:
             out = self._absorbed(q_nope, q_pe, c_kv, k_pe, start_pos, cache, padding)
         else:
             out = self._naive(q_nope, q_pe, c_kv, k_pe, start_pos, cache, padding)

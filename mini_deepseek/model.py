@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .block import Block
+from .compile import MaybeCompiled
 from .config import ModelConfig
 from .moe import Gate, RoutedExperts
 from .mtp import MTPModule
@@ -33,6 +34,7 @@ class DeepSeekV3(nn.Module):
         # Complex rotations [max_seq_len, rope_dim/2]. A plain attribute, not a buffer: Module.to(bfloat16) would
         # cast a complex buffer to a real dtype and silently drop its imaginary part.
         self.freqs_cis = precompute_freqs_cis(config)
+        self._compiled_forward: MaybeCompiled | None = None  # generate(compile=True) builds it at its first call
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -205,11 +207,12 @@ class DeepSeekV3(nn.Module):
             gate.update_bias()
 
     def set_mla_mode(self, mode: str) -> None:
-        """Switch every MLA layer between "naive" and "absorb" (same weights, same outputs)."""
-        self.config = self.config.replace(mla_mode=mode)
-        for m in self.modules():
-            if hasattr(m, "kv_b_proj"):
-                m.mode = mode
+        """Switch every MLA layer (MTP modules too) to "auto", "naive" or "absorb" (config.MLA_MODES): the same
+        weights and outputs; a KV cache built before the switch may no longer fit (new_cache)."""
+        self.config = self.config.replace(mla_mode=mode)  # validates the mode
+        if self.config.attn_type == "mla":
+            for block in [*self.layers, *self.mtp]:
+                block.self_attn.mode = mode
 
     # --- generation --------------------------------------------------------------------------------------------
     def new_cache(self, batch_size: int, max_len: int | None = None) -> list[dict[str, torch.Tensor]]:
@@ -234,11 +237,14 @@ class DeepSeekV3(nn.Module):
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                  use_cache: bool = True, eos_id: int | None = None, generator: torch.Generator | None = None,
-                 attention_mask: torch.Tensor | None = None, pad_id: int | None = None) -> torch.Tensor:
+                 attention_mask: torch.Tensor | None = None, pad_id: int | None = None,
+                 compile: bool = False) -> torch.Tensor:
         """Append max_new_tokens to input_ids [B, T]: greedy at temperature 0, else nucleus (top_p) sampling.
 
         With use_cache the prompt is prefilled once and each new token attends to the KV cache; without, every
-        step recomputes the whole sequence (same tokens, much slower).
+        step recomputes the whole sequence (same tokens, much slower). MLA runs absorbed with the cache in the
+        default mla_mode "auto" (mla.py). compile=True runs the cached decoding steps through torch.compile
+        (compile.py: built at the first call and kept; eager, with a warning, where no compiler is available).
         Prompts of different lengths: pad them on the LEFT and give attention_mask [B, T] (1 = token, 0 =
         padding). Padding keys are masked in every layer, and RoPE being relative, each row decodes as it would
         alone. A row that emitted eos_id continues with pad_id (default: eos_id) only; generation stops once every
@@ -254,35 +260,48 @@ class DeepSeekV3(nn.Module):
         self.eval()
         try:
             tokens = self._decode(input_ids, max_new_tokens, temperature, top_p, use_cache, eos_id, pad_id, generator,
-                                  mask)
+                                  mask, self._compiled_step() if compile and use_cache else self._forward)
         finally:
             self.train(was_training)
         return tokens
 
     def _decode(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float, top_p: float,
                 use_cache: bool, eos_id: int | None, pad_id: int | None, generator: torch.Generator | None,
-                mask: torch.Tensor | None) -> torch.Tensor:
-        """generate's loop, on checked arguments."""
+                mask: torch.Tensor | None, step_forward) -> torch.Tensor:
+        """generate's loop, on checked arguments; step_forward: _forward or its compiled version for cached steps."""
         B, T = input_ids.shape
         cache = self.new_cache(B, T + max_new_tokens) if use_cache else None
-        tokens = input_ids
+        # Every buffer allocated once: the tokens, and the padding of every position (new tokens are real tokens;
+        # a finished row's are never read). Each step takes views of them.
+        tokens = input_ids.new_empty(B, T + max_new_tokens)
+        tokens[:, :T] = input_ids
+        padding = None
+        if mask is not None and not bool(mask.all()):
+            padding = torch.cat([~mask, mask.new_zeros(B, max_new_tokens)], dim=1)  # [B, T + max_new_tokens]
         done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
         logits = self(input_ids, cache=cache, attention_mask=mask)[:, -1]
+        n = T
         for step in range(max_new_tokens):
             next_token = sample_next_token(logits, temperature, top_p, generator)  # [B]
             if eos_id is not None:
                 next_token = next_token.masked_fill(done, pad_id)  # finished rows emit padding only
                 done |= next_token == eos_id
-            tokens = torch.cat([tokens, next_token[:, None]], dim=1)
+            tokens[:, n] = next_token
+            n += 1
             if bool(done.all()) or step + 1 == max_new_tokens:
                 break
-            if mask is not None:  # new tokens are real tokens (a finished row's are never read)
-                mask = torch.cat([mask, mask.new_ones(B, 1)], dim=1)
-            if use_cache:
-                logits = self(next_token[:, None], start_pos=T + step, cache=cache, attention_mask=mask)[:, -1]
+            pad = None if padding is None else padding[:, :n]
+            if use_cache:  # the ids are sampled in range and the length was checked: no per-step checks
+                logits = step_forward(tokens[:, n - 1:n], n - 1, cache, pad, None, False)[:, -1]
             else:
-                logits = self(tokens, attention_mask=mask)[:, -1]
-        return tokens
+                logits = self._forward(tokens[:, :n], 0, None, pad, None, False)[:, -1]
+        return tokens[:, :n].contiguous()
+
+    def _compiled_step(self):
+        """_forward through torch.compile for generate(compile=True), built once per model (compile.py)."""
+        if self._compiled_forward is None:
+            self._compiled_forward = MaybeCompiled(self._forward, self.embed_tokens.weight.device, "generate(compile=True)")
+        return self._compiled_forward
 
     @staticmethod
     def _left_padding_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:

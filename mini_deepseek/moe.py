@@ -155,9 +155,10 @@ class RoutedExperts(nn.Module):
 
     w_gate_up [E, 2I, dim] holds each expert's gate rows then up rows; w_down [E, dim, I]. The published
     checkpoints store per-expert `experts.{e}.gate_proj/up_proj/down_proj`; the checkpoint loader stacks them.
-    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as the loop over experts
-    below (kernels/reference.py holds the kernels' own plain-PyTorch specification; a test checks that the two
-    agree, gradients included); fp8.FP8RoutedExperts holds them in FP8.
+    With the kernel switch on (kernel_switch.py) they run as `kernels.fused_moe`, else as two grouped matrix
+    products below (kernels/reference.py holds the kernels' own plain-PyTorch specification, a loop over experts as
+    DeepSeek's inference/model.py MoE.forward writes it; a test checks that the two agree, gradients included);
+    fp8.FP8RoutedExperts holds them in FP8.
     """
 
     def __init__(self, n_experts: int, dim: int, inter_dim: int):
@@ -168,22 +169,51 @@ class RoutedExperts(nn.Module):
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
         """x [N, dim], weights/indices [N, k] -> sum_j weights[:, j] * expert_{indices[:, j]}(x), [N, dim]."""
-        # The fused kernel has no autograd: while gradients flow to these weights (training), take the loop.
+        # The fused kernel has no autograd: while gradients flow to these weights (training), take the grouped path.
         if use_kernels(x) and not (torch.is_grad_enabled() and self.w_gate_up.requires_grad):
             return kernels.fused_moe(x, self.w_gate_up, self.w_down, weights, indices)
-        # As DeepSeek's inference/model.py MoE.forward: for each expert, the tokens that chose it, run it, scale by
-        # their gating weight, add. unbind once: indexing w[e] per expert would give each expert its own full-size
-        # (mostly zero) gradient under autograd; unbind's backward stacks them into one.
-        w_gate_up, w_down = self.w_gate_up.unbind(0), self.w_down.unbind(0)
-        counts = torch.bincount(indices.flatten(), minlength=self.n_experts).tolist()
-        y = torch.zeros_like(x)
-        for e, count in enumerate(counts):
-            if count == 0:
-                continue
-            token, slot = torch.where(indices == e)  # the tokens that chose expert e, and where in their top-k
-            gate, up = F.linear(x[token], w_gate_up[e]).chunk(2, dim=-1)  # [n_e, I] each
-            y.index_add_(0, token, F.linear(F.silu(gate) * up, w_down[e]) * weights[token, slot, None])  # y[token] +=
-        return y
+        # The N*k (token, expert) pairs sorted by expert: each expert's tokens become one contiguous block of rows,
+        # so every expert runs in two grouped matrix products, with no Python loop over experts (or per token).
+        k = indices.shape[1]
+        expert_of_pair, pair = indices.flatten().sort(stable=True)  # [N*k]; pair p is token p // k, slot p % k
+        ends = torch.searchsorted(expert_of_pair, torch.arange(self.n_experts, device=x.device), right=True,
+                                  out_int32=True)  # [E]: row after expert e's block
+        token = pair // k
+        gate, up = grouped_matmul(x[token], self.w_gate_up, ends).chunk(2, dim=-1)  # [N*k, I] each
+        out = grouped_matmul(F.silu(gate) * up, self.w_down, ends)  # [N*k, dim]
+        out = out * weights.flatten()[pair, None]  # scaled by each pair's gating weight
+        return torch.zeros_like(x).index_add_(0, token, out.to(x.dtype))  # y[token] += out, over its k experts
+
+
+def grouped_matmul(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    """rows [M, K] in E blocks (block e: rows ends[e-1]..ends[e]-1, int32 [E]) times w [E, out, K] -> [M, out]:
+    block e through w[e], as F.linear. torch._grouped_mm where this torch has it for the device and dtype, else
+    the blocks padded to the longest one and one batched matmul (bmm)."""
+    if _grouped_mm_fits(rows, w):
+        return torch._grouped_mm(rows, w.transpose(1, 2), offs=ends)
+    E, M = w.shape[0], rows.shape[0]
+    starts = torch.cat([ends.new_zeros(1), ends[:-1]]).long()  # [E]
+    counts = ends.long() - starts
+    longest = int(counts.max()) if M else 0
+    expert = torch.repeat_interleave(torch.arange(E, device=rows.device), counts, output_size=M)  # [M]
+    slot = torch.arange(M, device=rows.device) - starts[expert]  # [M]: position of each row within its block
+    padded = rows.new_zeros(E, longest, rows.shape[1]).index_put((expert, slot), rows)  # [E, longest, K]
+    return torch.bmm(padded, w.transpose(1, 2))[expert, slot]  # [E, longest, out] -> [M, out]
+
+
+def _grouped_mm_fits(rows: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch._grouped_mm runs on CPU (float32, bfloat16) and on CUDA GPUs from compute capability 9.0 (bfloat16),
+    with rows of a multiple of 16 bytes. Under torch.compile, its shape function (torch 2.13) accepts bfloat16 only."""
+    if not hasattr(torch, "_grouped_mm") or rows.dtype != w.dtype:
+        return False
+    if torch.compiler.is_compiling() and rows.dtype != torch.bfloat16:
+        return False
+    aligned = all(n * rows.element_size() % 16 == 0 for n in (rows.shape[1], w.shape[1]))
+    if rows.device.type == "cpu":
+        return aligned and rows.dtype in (torch.float32, torch.bfloat16)
+    if rows.device.type == "cuda":
+        return aligned and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0)
+    return False
 
 
 class MoE(nn.Module):

@@ -36,6 +36,7 @@ import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
+from .compile import MaybeCompiled
 from .data import TokenDataset
 from .progress import progress_bar
 
@@ -57,6 +58,7 @@ class TrainConfig:
     log_every: int = 10  # refresh the progress bar and call the callback every this many steps
     checkpoint_every: int = 0  # save a checkpoint every this many steps (0: only the last step, if out_dir)
     out_dir: str | None = None  # where checkpoints go, as out_dir/step-000300/ (None: save nothing)
+    compile: bool = False  # run the model's loss (forward and backward) through torch.compile (compile.py)
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)  # JSON gives back a list
@@ -169,6 +171,8 @@ def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
         dataset.get_batch(0, cfg.batch_size, cfg.seq_len, split="val")
 
     model.train()
+    # compiled: the same losses up to float rounding (inductor fuses and reorders float operations)
+    loss_fn = MaybeCompiled(model.loss, device, "TrainConfig(compile=True)") if cfg.compile else model.loss
     tokens_per_step = cfg.batch_size * cfg.seq_len
     window_loss, window_time, window_steps = 0.0, 0.0, 0
     with progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress) as bar:
@@ -178,7 +182,7 @@ def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
             for group in optimizer.param_groups:
                 group["lr"] = lr
             x, y = dataset.get_batch(step, cfg.batch_size, cfg.seq_len)  # [B, T] each
-            loss, parts = model.loss(x.to(device), y.to(device))
+            loss, parts = loss_fn(x.to(device), y.to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             grad_norm = nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip else math.inf)

@@ -6,6 +6,7 @@ import torch
 
 import kernels
 from mini_deepseek import DeepSeekV3, ModelConfig
+from mini_deepseek import moe as moe_module
 from mini_deepseek.block import Block
 from mini_deepseek.moe import Gate, RoutedExperts
 from mini_deepseek.rope import apply_rotary_emb, precompute_freqs_cis, rope_inv_freq, yarn_ramp_range
@@ -36,6 +37,32 @@ def test_absorbed_mla_equals_naive(variant):
     model.set_mla_mode("absorb")
     absorbed = model(x)
     assert torch.allclose(naive, absorbed, atol=1e-5, rtol=0), (naive - absorbed).abs().max()
+
+
+def test_auto_mode_caches_the_latent_prefills_naive_and_decodes_absorbed():
+    """The default mla_mode "auto": the cache holds the latent; a prefill (start 0) and a forward without a cache
+    run the naive path, later cached steps (decoding) the absorbed one; set_mla_mode reaches the MTP modules."""
+    model = tiny_model(n_mtp_modules=1)
+    assert model.config.mla_mode == "auto"
+    x = ids(T=10)
+    auto_cache = model.new_cache(2, 10)
+    assert [list(layer) for layer in auto_cache] == [["latent"]] * 3
+    prefill = model(x[:, :9], cache=auto_cache)
+    after_prefill = [{name: t.clone() for name, t in layer.items()} for layer in auto_cache]
+    step, full = model(x[:, 9:], start_pos=9, cache=auto_cache), model(x)
+    model.set_mla_mode("absorb")
+    absorb_cache = model.new_cache(2, 10)
+    absorbed_prefill = model(x[:, :9], cache=absorb_cache)
+    assert torch.equal(step, model(x[:, 9:], start_pos=9, cache=after_prefill))  # decoding: the absorbed path
+    assert torch.equal(after_prefill[0]["latent"][:, :, :9], absorb_cache[0]["latent"][:, :, :9])  # latent cached
+    model.set_mla_mode("naive")
+    assert torch.equal(prefill, model(x[:, :9])) and torch.equal(full, model(x))  # prefill, no cache: naive
+    assert not torch.equal(prefill, absorbed_prefill)  # two different paths (equal up to rounding)
+    assert [b.self_attn.mode for b in [*model.layers, *model.mtp]] == ["naive"] * 4
+    with pytest.raises(ValueError, match="build the cache after set_mla_mode"):
+        model(x, cache=auto_cache)  # a latent cache no longer fits the naive path
+    with pytest.raises(ValueError, match="mla_mode"):
+        model.set_mla_mode("fast")
 
 
 CACHE_CASES = [(v, "naive") for v in VARIANTS] + [(v, "absorb") for v in VARIANTS if v.startswith("mla")]
@@ -70,7 +97,8 @@ def test_later_start_without_cache_stays_causal_and_absorbed_equals_naive(varian
         assert not torch.allclose(out[mode][:, 5], out[mode + "-changed"][:, 5], atol=1e-5, rtol=0), mode
 
 
-@pytest.mark.parametrize("variant, mode", [("mla", "naive"), ("mla", "absorb"), ("mla-yarn", "absorb"), ("gqa", "naive")])
+@pytest.mark.parametrize("variant, mode", [("mla", "naive"), ("mla", "absorb"), ("mla", "auto"), ("mla-yarn", "absorb"),
+                                           ("gqa", "naive")])
 def test_generate_with_cache_gives_the_same_tokens(variant, mode):
     model = tiny_model(mla_mode=mode, **VARIANTS[variant])
     prompt = ids(T=9)
@@ -432,9 +460,14 @@ def test_softmax_gate_has_no_bias():
     assert gate.e_score_correction_bias is None and "e_score_correction_bias" not in gate.state_dict()
 
 
+@pytest.mark.parametrize("grouped_mm", [True, False])
 @pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-def test_expert_loop_equals_the_kernels_reference_gradients_included(dtype, tol):
-    """moe.py's loop over experts (the training path) against kernels.reference.fused_moe (the kernels' spec)."""
+def test_grouped_experts_equal_the_kernels_reference_gradients_included(dtype, tol, grouped_mm, monkeypatch):
+    """moe.py's grouped experts (the training and decoding path), with torch._grouped_mm and with its padded-bmm
+    fallback, against kernels.reference.fused_moe (the kernels' spec: a loop over experts)."""
+    if grouped_mm and not moe_module._grouped_mm_fits(torch.zeros(1, 32, dtype=dtype), torch.zeros(8, 16, 32, dtype=dtype)):
+        pytest.skip("this torch has no torch._grouped_mm for CPU tensors")
+    monkeypatch.setattr(moe_module, "_grouped_mm_fits", lambda rows, w: grouped_mm)
     torch.manual_seed(0)
     experts = RoutedExperts(8, 32, 16)
     torch.nn.init.normal_(experts.w_gate_up, std=0.3)

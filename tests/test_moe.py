@@ -5,11 +5,13 @@
 with the routed experts' weights read from the stacked tensors, one expert and one token at a time.
 """
 
+import pytest
 import torch
 import torch.nn.functional as F
 
 from mini_deepseek import ModelConfig
-from mini_deepseek.moe import MoE
+from mini_deepseek import moe as moe_module
+from mini_deepseek.moe import MoE, grouped_matmul
 
 
 def test_moe_adds_the_shared_experts_to_the_routed_ones():
@@ -36,3 +38,21 @@ def test_moe_adds_the_shared_experts_to_the_routed_ones():
     expected = torch.stack(expected).view_as(x)
     # float32 sums in another order: a few units in the last place of the largest terms
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_grouped_matmul_runs_each_block_of_rows_through_its_own_matrix(grouped_mm, monkeypatch):
+    """Blocks of 3, 0, 6 and 2 rows (an empty one, and the last expert used) against one F.linear per block."""
+    monkeypatch.setattr(moe_module, "_grouped_mm_fits", lambda rows, w: grouped_mm and hasattr(torch, "_grouped_mm"))
+    torch.manual_seed(0)
+    rows, w = torch.randn(11, 16, requires_grad=True), torch.randn(4, 8, 16, requires_grad=True)
+    ends = torch.tensor([3, 3, 9, 11], dtype=torch.int32)
+    grad = torch.randn(11, 8)
+    out = grouped_matmul(rows, w, ends)
+    ours = [out, *torch.autograd.grad(out, (rows, w), grad)]
+    bounds = [0, 3, 3, 9, 11]
+    expected = torch.cat([F.linear(rows[a:b], w[e]) for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:], strict=True))])
+    theirs = [expected, *torch.autograd.grad(expected, (rows, w), grad)]
+    for name, a, b in zip(["out", "rows", "w"], ours, theirs, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
+    assert ours[2][1].abs().max() == 0  # the expert without rows gets a zero gradient

@@ -166,7 +166,7 @@ def test_gqa_keeps_dtype(exercise):
 def test_mla_keys_values_match_the_library_caches(exercise, overrides):
     naive, absorbed = mla_layer(**overrides), mla_layer(**overrides)
     absorbed.load_state_dict(naive.state_dict())
-    absorbed.mode = "absorb"
+    naive.mode, absorbed.mode = "naive", "absorb"  # the per-head cache and the latent cache
     B, T = 2, 7
     x = torch.randn(B, T, naive.kv_a_proj_with_mqa.in_features)
     freqs = precompute_freqs_cis(ModelConfig.preset("toy", **overrides), seq_len=T)

@@ -1,0 +1,57 @@
+"""torch.compile as an option (compile.py): where it cannot be used, the same results eagerly and a warning that
+says why. Compiling itself takes minutes on the course CPU, so these tests make it unavailable or failing; the
+benchmark (benchmarks/decode_vs_hf.py --compile) runs the real thing."""
+
+import warnings
+
+import pytest
+import torch
+
+from mini_deepseek import ByteTokenizer, DeepSeekV3, ModelConfig, TokenDataset, TrainConfig, train
+from mini_deepseek import compile as compile_module
+from mini_deepseek.compile import CompileNotice, MaybeCompiled, compiler_missing
+
+
+def small_model() -> DeepSeekV3:
+    torch.manual_seed(0)
+    return DeepSeekV3(ModelConfig.preset("toy", n_layers=2, max_seq_len=64)).eval()
+
+
+def test_without_a_compiler_generate_warns_and_decodes_eagerly(monkeypatch):
+    model = small_model()
+    prompt = torch.randint(0, 264, (2, 5))
+    eager = model.generate(prompt, 6)
+    monkeypatch.setattr(compile_module, "compiler_missing", lambda device: "no C++ compiler on PATH (g++)")
+    with pytest.warns(CompileNotice, match="no C.. compiler"):
+        compiled = model.generate(prompt, 6, compile=True)
+    assert torch.equal(compiled, eager)
+
+
+def test_a_compilation_that_fails_falls_back_to_eager_with_the_reason(monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("inductor exploded")
+
+    monkeypatch.setattr(compile_module, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: broken)
+    step = MaybeCompiled(lambda a: a + 1, torch.device("cpu"), "test step")
+    with pytest.warns(CompileNotice, match="inductor exploded"):
+        assert step(1) == 2
+    assert step(2) == 3  # eager from then on, without another warning
+
+
+def test_train_with_compile_falls_back_to_the_same_losses(monkeypatch):
+    monkeypatch.setattr(compile_module, "compiler_missing", lambda device: "no C++ compiler on PATH (g++)")
+    data = TokenDataset.from_text("def f(x):\n    return x + 1\n" * 200, ByteTokenizer())
+    cfg = dict(steps=3, batch_size=2, seq_len=16, eval_every=0, warmup_steps=1)
+    losses = []
+    for compile_flag in (False, True):
+        model = small_model().train()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", CompileNotice)
+            history = train(model, data, TrainConfig(**cfg, compile=compile_flag))
+        losses.append([r["loss"] for r in history.train])
+    assert losses[0] == losses[1]
+
+
+def test_compiler_missing_names_the_device_it_cannot_serve():
+    assert "meta" in compiler_missing(torch.device("meta"))
