@@ -77,9 +77,10 @@ class Gate(nn.Module):
         if self.norm_topk_prob:
             weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
         weights = weights * self.route_scale
-        with torch.no_grad():
-            routed = indices if counted is None else indices[counted]
-            self.last_load = torch.bincount(routed.flatten(), minlength=self.n_experts).float()
+        with torch.no_grad():  # a count per expert as a sum of ones (not bincount: its shape would depend on the
+            # data for torch.compile), over the counted tokens only
+            ones = torch.ones_like(weights) if counted is None else counted[:, None].expand_as(weights).float()
+            self.last_load = weights.new_zeros(self.n_experts).index_add_(0, indices.flatten(), ones.flatten())
         self.balance_loss = self._sequence_balance_loss(scores, seq_len, counted) \
             if self.training and self.seq_aux_alpha > 0 else None
         self.expert_balance_loss = self._expert_balance_loss(scores, indices, counted) \
@@ -188,25 +189,36 @@ class RoutedExperts(nn.Module):
 def grouped_matmul(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """rows [M, K] in E blocks (block e: rows ends[e-1]..ends[e]-1, int32 [E]) times w [E, out, K] -> [M, out]:
     block e through w[e], as F.linear. torch._grouped_mm where this torch has it for the device and dtype, else
-    the blocks padded to the longest one and one batched matmul (bmm)."""
+    the blocks padded to the longest one and one batched matmul (bmm). Under torch.compile: the same, as one
+    opaque operator (below)."""
+    if torch.compiler.is_compiling():
+        return _grouped_matmul_op(rows, w, ends)
+    return _grouped_matmul_eager(rows, w, ends)
+
+
+def _grouped_matmul_eager(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_fits(rows, w):
         return torch._grouped_mm(rows, w.transpose(1, 2), offs=ends)
-    E, M = w.shape[0], rows.shape[0]
+    padded, expert, slot = _pad_blocks(rows, ends)  # [E, longest, K]
+    return torch.bmm(padded, w.transpose(1, 2))[expert, slot]  # [E, longest, out] -> [M, out]
+
+
+def _pad_blocks(rows: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """rows [M, K] in E blocks (ends as in grouped_matmul) -> the blocks padded with zero rows to the longest,
+    [E, longest, K], and each row's block [M] and slot in it [M]."""
+    E, M = ends.shape[0], rows.shape[0]
     starts = torch.cat([ends.new_zeros(1), ends[:-1]]).long()  # [E]
     counts = ends.long() - starts
     longest = int(counts.max()) if M else 0
     expert = torch.repeat_interleave(torch.arange(E, device=rows.device), counts, output_size=M)  # [M]
     slot = torch.arange(M, device=rows.device) - starts[expert]  # [M]: position of each row within its block
-    padded = rows.new_zeros(E, longest, rows.shape[1]).index_put((expert, slot), rows)  # [E, longest, K]
-    return torch.bmm(padded, w.transpose(1, 2))[expert, slot]  # [E, longest, out] -> [M, out]
+    return rows.new_zeros(E, longest, rows.shape[1]).index_put((expert, slot), rows), expert, slot
 
 
 def _grouped_mm_fits(rows: torch.Tensor, w: torch.Tensor) -> bool:
     """torch._grouped_mm runs on CPU (float32, bfloat16) and on CUDA GPUs from compute capability 9.0 (bfloat16),
-    with rows of a multiple of 16 bytes. Under torch.compile, its shape function (torch 2.13) accepts bfloat16 only."""
+    with rows of a multiple of 16 bytes."""
     if not hasattr(torch, "_grouped_mm") or rows.dtype != w.dtype:
-        return False
-    if torch.compiler.is_compiling() and rows.dtype != torch.bfloat16:
         return False
     aligned = all(n * rows.element_size() % 16 == 0 for n in (rows.shape[1], w.shape[1]))
     if rows.device.type == "cpu":
@@ -214,6 +226,47 @@ def _grouped_mm_fits(rows: torch.Tensor, w: torch.Tensor) -> bool:
     if rows.device.type == "cuda":
         return aligned and rows.dtype == torch.bfloat16 and torch.cuda.get_device_capability(rows.device) >= (9, 0)
     return False
+
+
+# torch.compile cannot trace the grouped product itself: torch._grouped_mm's shape rule (torch 2.13) accepts
+# bfloat16 only, and the padded fallback's shape depends on the data (a graph break each). As custom operators the
+# product and its gradients are opaque calls in the compiled graph, run by the eager code above.
+@torch.library.custom_op("mini_deepseek::grouped_matmul", mutates_args=())
+def _grouped_matmul_op(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return _grouped_matmul_eager(rows, w, ends)
+
+
+@_grouped_matmul_op.register_fake
+def _(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
+    return rows.new_empty(rows.shape[0], w.shape[1])
+
+
+@torch.library.custom_op("mini_deepseek::grouped_matmul_grads", mutates_args=())
+def _grouped_matmul_grads(grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
+                          ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """grouped_matmul's gradients for grad [M, out]: to the rows, grad through each block's w[e] transposed [M, K];
+    to the weights, block e's grad^T rows [E, out, K] (one batched product of the padded blocks)."""
+    grad_rows = _grouped_matmul_eager(grad, w.transpose(1, 2), ends)
+    padded_grad, padded_rows = _pad_blocks(grad, ends)[0], _pad_blocks(rows, ends)[0]  # [E, longest, out], [.., K]
+    return grad_rows, torch.bmm(padded_grad.transpose(1, 2), padded_rows)
+
+
+@_grouped_matmul_grads.register_fake
+def _(grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(rows), torch.empty_like(w)
+
+
+def _save_grouped_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_matmul_backward(ctx, grad: torch.Tensor):
+    rows, w, ends = ctx.saved_tensors
+    # contiguous: the gradient of a sum arrives as an expanded (stride 0) tensor, which _grouped_mm refuses
+    return (*_grouped_matmul_grads(grad.contiguous(), rows, w, ends), None)
+
+
+_grouped_matmul_op.register_autograd(_grouped_matmul_backward, setup_context=_save_grouped_inputs)
 
 
 class MoE(nn.Module):

@@ -56,3 +56,34 @@ def test_grouped_matmul_runs_each_block_of_rows_through_its_own_matrix(grouped_m
     for name, a, b in zip(["out", "rows", "w"], ours, theirs, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=name)
     assert ours[2][1].abs().max() == 0  # the expert without rows gets a zero gradient
+
+
+@pytest.mark.parametrize("grouped_mm", [True, False])
+def test_the_grouped_operator_for_torch_compile_gives_the_eager_bits_and_gradients(grouped_mm, monkeypatch):
+    """grouped_matmul as a custom operator (what a compiled graph calls): the eager code's output and gradient to
+    the rows, bit for bit, and its weight gradient; its fake (shape) and autograd registrations pass
+    torch.library.opcheck."""
+    monkeypatch.setattr(moe_module, "_grouped_mm_fits", lambda rows, w: grouped_mm and hasattr(torch, "_grouped_mm"))
+    torch.manual_seed(0)
+    rows, w = torch.randn(12, 16, requires_grad=True), torch.randn(4, 8, 16, requires_grad=True)
+    ends, grad = torch.tensor([4, 4, 8, 12], dtype=torch.int32), torch.randn(12, 8)
+    results = []
+    for fn in (moe_module._grouped_matmul_eager, moe_module._grouped_matmul_op):
+        out = fn(rows, w, ends)
+        results.append([out, *torch.autograd.grad(out, (rows, w), grad)])
+    for name, eager, op in zip(["out", "rows"], *results, strict=False):
+        assert torch.equal(eager, op), name
+    torch.testing.assert_close(results[1][2], results[0][2], rtol=1e-6, atol=1e-6)  # w: sums in another order
+    torch.library.opcheck(moe_module._grouped_matmul_op, (rows, w, ends))
+
+
+def test_expert_load_counts_only_the_counted_tokens():
+    """last_load (what the bias update reads) counts each routed (token, expert) pair of the counted tokens once."""
+    cfg = ModelConfig.preset("toy")
+    torch.manual_seed(0)
+    gate = MoE(cfg).gate
+    x, counted = torch.randn(6, cfg.dim), torch.tensor([True, False, True, True, False, True])
+    _, indices = gate(x, seq_len=6, counted=counted)
+    assert torch.equal(gate.last_load, torch.bincount(indices[counted].flatten(), minlength=cfg.n_routed_experts).float())
+    gate(x, seq_len=6)
+    assert torch.equal(gate.last_load, torch.bincount(indices.flatten(), minlength=cfg.n_routed_experts).float())
