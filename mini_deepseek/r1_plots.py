@@ -238,14 +238,15 @@ def mean_over_seeds(runs: list) -> list[float] | dict[str, float]:
     return [sum(values) / len(runs) for values in zip(*runs, strict=True)]
 
 
-def format_seeds(values: list[float], percent: bool = True) -> str:
+def format_seeds(values: list[float], percent: bool = True, digits: int = 1) -> str:
     """The mean over seeds, then each seed's value: [0.53, 0.505, 0.55] -> '52.8% (53.0 / 50.5 / 55.0)';
-    percent=False for plain numbers: [27.5, 30.25] -> '28.9 (27.5 / 30.2)'. One seed: just its value."""
+    percent=False for plain numbers: [27.5, 30.25] -> '28.9 (27.5 / 30.2)'; digits after the point:
+    [0.0312, 0.0254], percent=False, digits=3 -> '0.028 (0.031 / 0.025)'. One seed: just its value."""
     scale, unit = (100, "%") if percent else (1, "")
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean * scale:.1f}{unit}"
-    return f"{mean * scale:.1f}{unit} ({' / '.join(f'{v * scale:.1f}' for v in values)})"
+        return f"{mean * scale:.{digits}f}{unit}"
+    return f"{mean * scale:.{digits}f}{unit} ({' / '.join(f'{v * scale:.{digits}f}' for v in values)})"
 
 
 def format_gb(n: float) -> str:

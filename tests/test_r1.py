@@ -257,6 +257,8 @@ def test_mean_over_seeds_and_format_seeds():
     assert format_seeds([0.53, 0.505, 0.55]) == "52.8% (53.0 / 50.5 / 55.0)"
     assert format_seeds([27.5, 30.0], percent=False) == "28.8 (27.5 / 30.0)"
     assert format_seeds([0.4]) == "40.0%"
+    assert format_seeds([0.0312, 0.0254], percent=False, digits=3) == "0.028 (0.031 / 0.025)"
+    assert format_seeds([0.5], digits=0) == "50%"
 
 
 def test_plot_grpo_curves_draws_each_seed_and_their_mean():
