@@ -44,7 +44,7 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     T, S = q.shape[2], k.shape[2]
     causal, mask = False, None
     if padding is None and T == S:
-        causal = T > 1
+        causal = bool(T > 1)  # a Python bool: under torch.compile T > 1 is symbolic, which SDPA refuses
     elif padding is not None or T > 1:
         mask = attention_mask(T, S, padding, q.device)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
