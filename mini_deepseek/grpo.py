@@ -65,6 +65,20 @@ def kl_k3(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
     return torch.exp(log_ratio) - log_ratio - 1
 
 
+def per_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor,
+                        advantages: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04) -> torch.Tensor:
+    """GRPO's objective per token, before any averaging (DeepSeekMath eq. 3, inside the sums):
+    min(r A, clip(r, 1 - eps, 1 + eps) A) - beta k3, with r = pi_theta / pi_old = exp(logp - old_logp).
+
+    logp, old_logp, ref_logp [N, L]; advantages [N], shared by every token of a completion. Returns [N, L]. No
+    masking here: grpo_loss zeroes the padding first and averages; notebook 06's explorer plots it against r.
+    """
+    ratio = torch.exp(logp - old_logp)  # [N, L], pi_theta / pi_old
+    adv = advantages[:, None].to(ratio.dtype)  # [N, 1]: every token of a completion shares its advantage
+    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [N, L]
+    return surrogate - beta * kl_k3(logp, ref_logp)
+
+
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
               mask: torch.Tensor, clip_eps: float = 0.2, beta: float = 0.04,
               loss_type: str = "grpo") -> tuple[torch.Tensor, dict[str, float]]:
@@ -94,11 +108,8 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     keep = mask.bool()
     # Padding may hold anything (even inf): zero it before the arithmetic, so it cannot turn into NaN.
     logp, old_logp, ref_logp = (torch.where(keep, t, 0.0) for t in (logp, old_logp, ref_logp))
-    ratio = torch.exp(logp - old_logp)  # [N, L], pi_theta / pi_old
-    adv = advantages[:, None].to(ratio.dtype)  # [N, 1]: every token of a completion shares its advantage
-    surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [N, L]
-    kl = kl_k3(logp, ref_logp)  # [N, L]
-    per_token = torch.where(keep, surrogate - beta * kl, 0.0)  # [N, L]
+    per_token = torch.where(keep, per_token_objective(logp, old_logp, ref_logp, advantages, clip_eps, beta),
+                            0.0)  # [N, L]
     n_tokens = keep.sum(dim=1)  # [N]
     if loss_type == "grpo":
         objective = (per_token.sum(dim=1) / n_tokens.clamp(min=1)).mean()
@@ -106,6 +117,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         objective = per_token.sum() / n_tokens.sum().clamp(min=1)
 
     with torch.no_grad():
+        ratio = torch.exp(logp - old_logp)  # [N, L], pi_theta / pi_old
+        adv = advantages[:, None].to(ratio.dtype)  # [N, 1]
+        kl = kl_k3(logp, ref_logp)  # [N, L]
         clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))  # [N, L]
         total = max(int(n_tokens.sum()), 1)
         stats = {"kl": float(torch.where(keep, kl, 0.0).sum()) / total,

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .grpo import kl_k3
+from .grpo import group_advantages, kl_k3, per_token_objective
+from .notebook import text_table
 from .plots import smooth
 from .train import History
 
@@ -90,6 +91,96 @@ def plot_kl_estimators(ax) -> None:
     ax.legend(fontsize=8)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# The GRPO group explorer: one group's rewards -> advantages -> the per-token objective against the ratio
+
+GROUP_RATIOS = (0.5, 0.8, 1.0, 1.2, 1.5)  # ratios pi_theta / pi_old at which the explorer's table gives the objective
+
+
+def parse_rewards(text: str) -> torch.Tensor:
+    """The rewards of one group as a learner types them: '2, 2, 1, 0' -> tensor([2., 2., 1., 0.])."""
+    try:
+        values = [float(v) for v in text.replace(",", " ").split()]
+    except ValueError:
+        raise ValueError(f"rewards {text!r}: type numbers separated by commas, e.g. '2, 2, 1, 0'") from None
+    if not values:
+        raise ValueError("no rewards typed: type the group's rewards separated by commas, e.g. '2, 2, 1, 0'")
+    return torch.tensor(values)
+
+
+def group_objective(rewards: torch.Tensor, ratios: torch.Tensor, clip_eps: float,
+                    beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The advantages [G] of one group's rewards [G], and GRPO's per-token objective [G, R] of a token of each
+    sample at each ratio r = pi_theta / pi_old of ratios [R]. The reference is taken equal to pi_old (as at the
+    first update after sampling from the reference), so the KL term is k3 = 1/r + log r - 1."""
+    advantages = group_advantages(rewards.float()[None])[0]  # [G]
+    logp = ratios.log()[None].expand(len(rewards), -1)  # [G, R]: log r, with log pi_old = log pi_ref = 0
+    zeros = torch.zeros_like(logp)
+    return advantages, per_token_objective(logp, zeros, zeros, advantages, clip_eps, beta)
+
+
+def _clipped_where(advantage: float, clip_eps: float) -> str:
+    """Where the clip stops the ratio term's gradient for a token of this advantage."""
+    if advantage > 0:
+        return f"r > {1 + clip_eps:g}"
+    return f"r < {1 - clip_eps:g}" if advantage < 0 else "nowhere (A = 0: only the KL term pulls)"
+
+
+def group_table(rewards: torch.Tensor, clip_eps: float, beta: float, ratios: tuple[float, ...] = GROUP_RATIOS) -> str:
+    """One row per sample of the group: reward, advantage, the per-token objective at each ratio, and where the
+    clip stops the gradient: the printed form of the explorer."""
+    advantages, objective = group_objective(rewards, torch.tensor(ratios), clip_eps, beta)
+    rows = [(i + 1, f"{r:g}", f"{a:+.3f}", *(f"{o:+.3f}" for o in obj), _clipped_where(float(a), clip_eps))
+            for i, (r, a, obj) in enumerate(zip(rewards.tolist(), advantages, objective, strict=True))]
+    return text_table(["sample", "reward", "advantage", *(f"r = {x:g}" for x in ratios), "clipped where"], rows)
+
+
+def plot_group_objective(axes, rewards: torch.Tensor, clip_eps: float, beta: float) -> None:
+    """Left: each sample's reward and group-normalized advantage. Right: the per-token objective against the
+    ratio, one curve per distinct advantage, the clipped (gradient-free) range of each shaded."""
+    ratios = torch.linspace(0.4, 1.8, 281)
+    advantages, objective = group_objective(rewards, ratios, clip_eps, beta)
+    samples = list(range(1, len(rewards) + 1))
+    axes[0].bar([i - 0.2 for i in samples], rewards.tolist(), width=0.4, color="0.75", label="reward")
+    axes[0].bar([i + 0.2 for i in samples], advantages.tolist(), width=0.4, color="C0",
+                label="advantage (r - mean) / std")
+    axes[0].axhline(0, color="k", lw=0.6)
+    axes[0].set(xlabel="sample of the group", xticks=samples, title=f"one group of G = {len(rewards)}")
+    axes[0].legend(fontsize=7.5)
+    distinct = sorted({round(float(a), 4) for a in advantages}, reverse=True)
+    for k, value in enumerate(distinct):
+        rows = [i for i, a in enumerate(advantages) if round(float(a), 4) == value]
+        axes[1].plot(ratios, objective[rows[0]], color=f"C{k + 1}", lw=2,
+                     label=f"A = {value:+.2f} ({len(rows)} sample{'s' if len(rows) > 1 else ''})")
+        flat = (ratios > 1 + clip_eps) if value > 0 else (ratios < 1 - clip_eps) if value < 0 else None
+        if flat is not None:
+            axes[1].fill_between(ratios, objective.min().item(), objective.max().item(), where=flat.numpy(),
+                                 color=f"C{k + 1}", alpha=0.07)
+    for edge in (1 - clip_eps, 1 + clip_eps):
+        axes[1].axvline(edge, color="0.8", lw=0.8)
+    axes[1].set(xlabel="ratio r = pi_theta / pi_old (pi_ref = pi_old)", ylabel="per-token objective",
+                title=f"min(r A, clip(r, 1 ± {clip_eps:g}) A) - {beta:g} k3; shaded: clipped")
+    axes[1].legend(fontsize=7.5)
+
+
+def show_grpo_group(clip_eps: float, beta: float, rewards: str) -> None:
+    """The explorer's output: the two panels of plot_group_objective and group_table, or what is wrong with the
+    typed rewards."""
+    import matplotlib.pyplot as plt
+
+    try:
+        values = parse_rewards(rewards)
+        table = group_table(values, clip_eps, beta)
+    except ValueError as error:
+        print(f"not a group GRPO can use: {error}")
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.4))
+    plot_group_objective(axes, values, clip_eps, beta)
+    fig.tight_layout()
+    plt.show()
+    print(table)
+
+
 def draw_r1_pipeline(ax, accuracies: dict[str, str] | None = None) -> None:
     """DeepSeek-R1's stages as boxes; accuracies: optional text under each stage (keys as the stage names)."""
     stages = [("base model", FROZEN), ("cold start\nSFT", TRAINED), ("reasoning RL\n(GRPO)", TRAINED),
@@ -147,14 +238,15 @@ def mean_over_seeds(runs: list) -> list[float] | dict[str, float]:
     return [sum(values) / len(runs) for values in zip(*runs, strict=True)]
 
 
-def format_seeds(values: list[float], percent: bool = True) -> str:
+def format_seeds(values: list[float], percent: bool = True, digits: int = 1) -> str:
     """The mean over seeds, then each seed's value: [0.53, 0.505, 0.55] -> '52.8% (53.0 / 50.5 / 55.0)';
-    percent=False for plain numbers: [27.5, 30.25] -> '28.9 (27.5 / 30.2)'. One seed: just its value."""
+    percent=False for plain numbers: [27.5, 30.25] -> '28.9 (27.5 / 30.2)'; digits after the point:
+    [0.0312, 0.0254], percent=False, digits=3 -> '0.028 (0.031 / 0.025)'. One seed: just its value."""
     scale, unit = (100, "%") if percent else (1, "")
     mean = sum(values) / len(values)
     if len(values) == 1:
-        return f"{mean * scale:.1f}{unit}"
-    return f"{mean * scale:.1f}{unit} ({' / '.join(f'{v * scale:.1f}' for v in values)})"
+        return f"{mean * scale:.{digits}f}{unit}"
+    return f"{mean * scale:.{digits}f}{unit} ({' / '.join(f'{v * scale:.{digits}f}' for v in values)})"
 
 
 def format_gb(n: float) -> str:
@@ -170,5 +262,7 @@ def format_count(n: float) -> str:
     return str(int(n))
 
 
-__all__ = ["CURVES", "draw_ppo_vs_grpo", "draw_r1_pipeline", "format_count", "format_gb", "format_seeds",
-           "mean_over_seeds", "plot_clipped_objective", "plot_grpo_curves", "plot_kl_estimators"]
+__all__ = ["CURVES", "GROUP_RATIOS", "draw_ppo_vs_grpo", "draw_r1_pipeline", "format_count", "format_gb",
+           "format_seeds", "group_objective", "group_table", "mean_over_seeds", "parse_rewards",
+           "plot_clipped_objective", "plot_group_objective", "plot_grpo_curves", "plot_kl_estimators",
+           "show_grpo_group"]

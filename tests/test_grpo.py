@@ -16,6 +16,7 @@ from mini_deepseek.grpo import (
     grpo_loss,
     kl_k3,
     language_consistency_reward,
+    per_token_objective,
     rule_rewards,
 )
 
@@ -63,6 +64,19 @@ def test_grpo_loss_hand_computed_grpo_and_dapo():
     assert stats["clip_fraction"] == pytest.approx(2 / 5)
     assert stats["ratio"] == pytest.approx(5.2 / 5)
     assert stats["kl"] == pytest.approx(0.0, abs=1e-7)
+
+
+def test_per_token_objective_hand_computed_and_what_the_loss_averages():
+    logp, old_logp, ref_logp, adv, mask = hand_case()
+    # min(r A, clip(r) A) per token (the padding of completion 1 too: r = 1 there, so A = 2), no KL
+    expected = torch.tensor([[2.4, 1.8, 2.0], [-0.8, -1.0, -1.3]])
+    assert_close(per_token_objective(logp, old_logp, ref_logp, adv, clip_eps=0.2, beta=0.04), expected)
+    k3 = 2 - math.log(2) - 1  # the reference twice as likely as the policy on every token
+    assert_close(per_token_objective(logp, old_logp, logp + math.log(2), adv, clip_eps=0.2, beta=0.5),
+                 expected - 0.5 * k3)
+    # grpo_loss is its masked token mean per completion, then the mean over completions, negated
+    loss, _ = grpo_loss(logp, old_logp, ref_logp, adv, mask)
+    assert_close(loss, -((expected * mask).sum(1) / mask.sum(1)).mean())
 
 
 def test_grpo_loss_kl_and_its_statistic():

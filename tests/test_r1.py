@@ -257,6 +257,8 @@ def test_mean_over_seeds_and_format_seeds():
     assert format_seeds([0.53, 0.505, 0.55]) == "52.8% (53.0 / 50.5 / 55.0)"
     assert format_seeds([27.5, 30.0], percent=False) == "28.8 (27.5 / 30.0)"
     assert format_seeds([0.4]) == "40.0%"
+    assert format_seeds([0.0312, 0.0254], percent=False, digits=3) == "0.028 (0.031 / 0.025)"
+    assert format_seeds([0.5], digits=0) == "50%"
 
 
 def test_plot_grpo_curves_draws_each_seed_and_their_mean():
@@ -281,3 +283,57 @@ def test_plot_grpo_curves_draws_each_seed_and_their_mean():
     assert list(reward_lines[2].get_ydata()) == [1.5, 2.5]
     assert list(axes[1].get_lines()[2].get_ydata()) == pytest.approx([0.25])
     plt.close(fig)
+
+
+def test_group_objective_hand_computed():
+    from mini_deepseek.r1_plots import group_objective
+
+    advantages, objective = group_objective(torch.tensor([1.0, 0.0, 0.0, 0.0]), torch.tensor([0.5, 1.0, 1.5]),
+                                            clip_eps=0.2, beta=0.04)
+    a, b = 0.75 / (0.5 + 1e-4), -0.25 / (0.5 + 1e-4)  # the sample std of (1, 0, 0, 0) is 1/2
+    assert_close(advantages, torch.tensor([a, b, b, b]))
+    k3 = torch.tensor([1 / 0.5 + math.log(0.5) - 1, 0.0, 1 / 1.5 + math.log(1.5) - 1])  # pi_ref = pi_old
+    # A > 0: the ratio term is r A up to 1 + eps, then flat; A < 0: flat below 1 - eps, then r A
+    assert_close(objective[0], torch.tensor([0.5 * a, a, 1.2 * a]) - 0.04 * k3)
+    assert_close(objective[1], torch.tensor([0.8 * b, b, 1.5 * b]) - 0.04 * k3)
+    assert_close(objective[1], objective[3])
+
+
+def test_parse_rewards_and_group_table():
+    from mini_deepseek.r1_plots import group_table, parse_rewards
+
+    assert parse_rewards("2, 2,1  0").tolist() == [2.0, 2.0, 1.0, 0.0]
+    for bad, match in (("2, x", "numbers separated by commas"), ("  ", "no rewards")):
+        with pytest.raises(ValueError, match=match):
+            parse_rewards(bad)
+    lines = group_table(torch.tensor([1.0, 0.0, 0.0, 0.0]), clip_eps=0.2, beta=0.0, ratios=(0.5, 1.5)).splitlines()
+    assert lines[0].split() == ["sample", "reward", "advantage", "r", "=", "0.5", "r", "=", "1.5", "clipped", "where"]
+    # sample 1: A = 0.75 / 0.5001 = +1.500, objective 0.5 A and 1.2 A; sample 2: A = -0.500, 0.8 A and 1.5 A
+    assert lines[2].split() == ["1", "1", "+1.500", "+0.750", "+1.800", "r", ">", "1.2"]
+    assert lines[3].split() == ["2", "0", "-0.500", "-0.400", "-0.750", "r", "<", "0.8"]
+    equal = group_table(torch.tensor([1.0, 1.0]), clip_eps=0.2, beta=0.0, ratios=(1.0,)).splitlines()
+    assert equal[2].split()[2:5] == ["+0.000", "+0.000", "nowhere"]
+
+
+def test_plot_group_objective_one_curve_per_distinct_advantage(capsys):
+    matplotlib = pytest.importorskip("matplotlib")
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mini_deepseek.r1_plots import group_objective, plot_group_objective, show_grpo_group
+
+    rewards = torch.tensor([2.0, 2.0, 1.0, 0.0, 0.0])
+    fig, axes = plt.subplots(1, 2)
+    plot_group_objective(axes, rewards, clip_eps=0.2, beta=0.04)
+    curves = [line for line in axes[1].get_lines() if len(line.get_xdata()) > 2]  # not the two clip edges
+    # advantages (2, 2, 1, 0, 0) -> (+1, +1, 0, -1, -1) / (1 + eps): three distinct values, in decreasing order
+    assert [line.get_label() for line in curves] == ["A = +1.00 (2 samples)", "A = +0.00 (1 sample)",
+                                                     "A = -1.00 (2 samples)"]
+    ratios = torch.tensor(curves[0].get_xdata(), dtype=torch.float32)
+    _, objective = group_objective(rewards, ratios, 0.2, 0.04)
+    for line, row in zip(curves, (0, 2, 3), strict=True):  # the advantages in decreasing order, one curve each
+        assert_close(torch.tensor(line.get_ydata(), dtype=torch.float32), objective[row])
+    assert len(axes[0].patches) == 2 * len(rewards)  # a reward bar and an advantage bar per sample
+    plt.close(fig)
+    show_grpo_group(0.2, 0.04, "1, one")  # a typo prints what is wrong, and draws nothing
+    assert "not a group GRPO can use" in capsys.readouterr().out

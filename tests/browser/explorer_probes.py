@@ -13,4 +13,7 @@ from lab_driver import Probe
 PROBES: dict[str, list[Probe]] = {
     # the KV-cache calculator (section 5): a bigger batch changes the "GB for the batch" column
     "01_attention_kv_cache": [Probe(control="batch")],
+    # the GRPO group explorer (section 2): its first control (clip ε) is changed by the generic check; β changes the
+    # KL term, so the per-token objective drawn and tabulated below the controls
+    "06_grpo_r1": [Probe(control="β (KL)")],
 }
