@@ -199,20 +199,21 @@ def grouped_matmul(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> t
 def _grouped_matmul_eager(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     if _grouped_mm_fits(rows, w):
         return torch._grouped_mm(rows, w.transpose(1, 2), offs=ends)
-    padded, expert, slot = _pad_blocks(rows, ends)  # [E, longest, K]
+    (padded,), expert, slot = _pad_blocks(ends, rows)  # [E, longest, K]
     return torch.bmm(padded, w.transpose(1, 2))[expert, slot]  # [E, longest, out] -> [M, out]
 
 
-def _pad_blocks(rows: torch.Tensor, ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """rows [M, K] in E blocks (ends as in grouped_matmul) -> the blocks padded with zero rows to the longest,
-    [E, longest, K], and each row's block [M] and slot in it [M]."""
-    E, M = ends.shape[0], rows.shape[0]
+def _pad_blocks(ends: torch.Tensor, *tensors: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """tensors [M, ·] whose rows form E blocks (ends as in grouped_matmul) -> each with its blocks padded by zero
+    rows to the longest, [E, longest, ·], and each row's block [M] and slot in it [M]."""
+    E, M = ends.shape[0], tensors[0].shape[0]
     starts = torch.cat([ends.new_zeros(1), ends[:-1]]).long()  # [E]
     counts = ends.long() - starts
     longest = int(counts.max()) if M else 0
-    expert = torch.repeat_interleave(torch.arange(E, device=rows.device), counts, output_size=M)  # [M]
-    slot = torch.arange(M, device=rows.device) - starts[expert]  # [M]: position of each row within its block
-    return rows.new_zeros(E, longest, rows.shape[1]).index_put((expert, slot), rows), expert, slot
+    expert = torch.repeat_interleave(torch.arange(E, device=ends.device), counts, output_size=M)  # [M]
+    slot = torch.arange(M, device=ends.device) - starts[expert]  # [M]: position of each row within its block
+    padded = [t.new_zeros(E, longest, t.shape[1]).index_put((expert, slot), t) for t in tensors]
+    return padded, expert, slot
 
 
 def _grouped_mm_fits(rows: torch.Tensor, w: torch.Tensor) -> bool:
@@ -247,7 +248,7 @@ def _grouped_matmul_grads(grad: torch.Tensor, rows: torch.Tensor, w: torch.Tenso
     """grouped_matmul's gradients for grad [M, out]: to the rows, grad through each block's w[e] transposed [M, K];
     to the weights, block e's grad^T rows [E, out, K] (one batched product of the padded blocks)."""
     grad_rows = _grouped_matmul_eager(grad, w.transpose(1, 2), ends)
-    padded_grad, padded_rows = _pad_blocks(grad, ends)[0], _pad_blocks(rows, ends)[0]  # [E, longest, out], [.., K]
+    (padded_grad, padded_rows), _, _ = _pad_blocks(ends, grad, rows)  # [E, longest, out], [E, longest, K]
     return grad_rows, torch.bmm(padded_grad.transpose(1, 2), padded_rows)
 
 
