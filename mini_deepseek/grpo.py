@@ -73,10 +73,15 @@ def per_token_objective(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: to
     logp, old_logp, ref_logp [N, L]; advantages [N], shared by every token of a completion. Returns [N, L]. No
     masking here: grpo_loss zeroes the padding first and averages; notebook 06's explorer plots it against r.
     """
-    ratio = torch.exp(logp - old_logp)  # [N, L], pi_theta / pi_old
+    return _clipped_objective(torch.exp(logp - old_logp), advantages, kl_k3(logp, ref_logp), clip_eps, beta)
+
+
+def _clipped_objective(ratio: torch.Tensor, advantages: torch.Tensor, kl: torch.Tensor, clip_eps: float,
+                       beta: float) -> torch.Tensor:
+    """per_token_objective from the ratio [N, L], the advantages [N] and k3 [N, L], for callers that keep them."""
     adv = advantages[:, None].to(ratio.dtype)  # [N, 1]: every token of a completion shares its advantage
     surrogate = torch.min(ratio * adv, ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv)  # [N, L]
-    return surrogate - beta * kl_k3(logp, ref_logp)
+    return surrogate - beta * kl
 
 
 def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor, advantages: torch.Tensor,
@@ -108,8 +113,9 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
     keep = mask.bool()
     # Padding may hold anything (even inf): zero it before the arithmetic, so it cannot turn into NaN.
     logp, old_logp, ref_logp = (torch.where(keep, t, 0.0) for t in (logp, old_logp, ref_logp))
-    per_token = torch.where(keep, per_token_objective(logp, old_logp, ref_logp, advantages, clip_eps, beta),
-                            0.0)  # [N, L]
+    ratio = torch.exp(logp - old_logp)  # [N, L], pi_theta / pi_old
+    kl = kl_k3(logp, ref_logp)  # [N, L]
+    per_token = torch.where(keep, _clipped_objective(ratio, advantages, kl, clip_eps, beta), 0.0)  # [N, L]
     n_tokens = keep.sum(dim=1)  # [N]
     if loss_type == "grpo":
         objective = (per_token.sum(dim=1) / n_tokens.clamp(min=1)).mean()
@@ -117,9 +123,7 @@ def grpo_loss(logp: torch.Tensor, old_logp: torch.Tensor, ref_logp: torch.Tensor
         objective = per_token.sum() / n_tokens.sum().clamp(min=1)
 
     with torch.no_grad():
-        ratio = torch.exp(logp - old_logp)  # [N, L], pi_theta / pi_old
-        adv = advantages[:, None].to(ratio.dtype)  # [N, 1]
-        kl = kl_k3(logp, ref_logp)  # [N, L]
+        adv = advantages[:, None]  # [N, 1]
         clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))  # [N, L]
         total = max(int(n_tokens.sum()), 1)
         stats = {"kl": float(torch.where(keep, kl, 0.0).sum()) / total,

@@ -337,7 +337,7 @@ MUTANTS: list[Mutant] = [
            "mean = sum(values) / len(values)", "mean = values[0]",
            ("tests/test_r1.py::test_mean_over_seeds_and_format_seeds",)),
     Mutant("GRPO's per-token objective drops the KL term", "mini_deepseek/grpo.py",
-           "return surrogate - beta * kl_k3(logp, ref_logp)", "return surrogate",
+           "return surrogate - beta * kl\n", "return surrogate\n",
            ("tests/test_grpo.py::test_per_token_objective_hand_computed_and_what_the_loss_averages",)),
     Mutant("the group explorer takes the ratio for its log (r where log r belongs)", "mini_deepseek/r1_plots.py",
            "logp = ratios.log()[None].expand(len(rewards), -1)", "logp = ratios[None].expand(len(rewards), -1)",
