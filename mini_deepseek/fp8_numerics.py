@@ -136,6 +136,19 @@ def amplify_outlier(t: torch.Tensor, factor: float, along: str = "channel") -> t
     return out
 
 
+def error_beside_outlier(t: torch.Tensor, factor: float, along: str, scaling: str,
+                         amax_floor: float = R.AMAX_FLOOR) -> QuantError:
+    """What an outlier costs the rest: t [M, K] with its largest channel (column) or token (row) made `factor` times
+    the median (amplify_outlier), quantized with `scaling`; the error of every element outside that channel/token."""
+    amplified = amplify_outlier(t, factor, along)
+    dim = 0 if along == "channel" else 1
+    rest = torch.ones(t.shape[1 - dim], dtype=torch.bool)
+    rest[int(t.abs().amax(dim=dim).argmax())] = False  # the outlier itself is not measured
+    x_hat = fake_quantize(amplified, scaling, amax_floor=amax_floor)
+    keep = (slice(None), rest) if along == "channel" else (rest, slice(None))
+    return quantization_error(amplified[keep], x_hat[keep])
+
+
 def capture_linear_tensors(model: torch.nn.Module, input_ids: torch.Tensor,
                            targets: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """One forward and backward pass of model.loss: for every nn.Linear that convert_to_fp8_training would swap, its

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from .fp8_numerics import FORMATS, FloatFormat, representable_values
+from .fp8_numerics import FORMATS, SCALINGS, FloatFormat, error_beside_outlier, representable_values
+from .notebook import text_table
 
 _FIELD_COLORS = {"sign": "#d62728", "exponent": "#1f77b4", "mantissa": "#2ca02c"}
 
@@ -104,3 +105,13 @@ def draw_gemm_tiling(ax, M: int, N: int, K: int, block_m: int, block_n: int, blo
     ax.set(xlim=(-gap * 0.3, x_c + N + gap * 0.3), ylim=(max(M, K) * 1.25, -0.05 * max(M, K)))
     ax.set_aspect("equal")
     ax.axis("off")
+
+
+def outlier_table(t: torch.Tensor, factor: float, along: str, amax_floor: float) -> str:
+    """Notebook 04's outlier explorer as text: for each scaling, the error of the elements beside t's largest
+    channel or token once that one is `factor` times the median (fp8_numerics.error_beside_outlier)."""
+    rows = []
+    for scaling in SCALINGS:
+        e = error_beside_outlier(t, factor, along, scaling, amax_floor)
+        rows.append([scaling, f"{e.median_element:.2%}", f"{e.relative:.2%}", f"{e.underflow:.2%}"])
+    return text_table(["scaling", "median element error", "relative error", "flushed to zero"], rows)

@@ -15,6 +15,8 @@ from mini_deepseek import (
 from mini_deepseek.fp8_numerics import (
     FORMATS,
     accumulation_error,
+    amplify_outlier,
+    error_beside_outlier,
     fake_quantize,
     limited_precision_sum,
     quantization_error,
@@ -107,3 +109,25 @@ def test_training_memory_counts_what_the_model_holds_and_saves():
     assert main_and_mtp == (memory.linear_inputs_per_token - per_token_mtp) * tokens + per_token_mtp * mtp_tokens
     assert memory.bytes_per_token(fp8=True) == pytest.approx(memory.linear_inputs_per_token * (1 + 4 / 128))
     assert memory.weight_bytes(fp8=True) < 0.6 * memory.weight_bytes(fp8=False)
+
+
+@pytest.mark.parametrize("along", ["channel", "token"])
+def test_error_beside_outlier_measures_everything_but_the_outlier(along):
+    """Against the same arithmetic written out with the outlier's column (row) 7 deleted by hand; and what notebook
+    04 teaches: at 10,000x, one scale per tensor flushes other elements to zero, 1 x 128 tiles along the channels do
+    not (for a channel outlier)."""
+    torch.manual_seed(0)
+    t = torch.randn(64, 256) * torch.rand(1, 256)
+    if along == "channel":
+        t[:, 7] *= 20
+    else:
+        t[7] *= 20
+    for scaling in ("per-tensor", "1x128", "128x128"):
+        amplified = amplify_outlier(t, 1_000, along)
+        x_hat = fake_quantize(amplified, scaling)
+        drop = (lambda x: torch.cat([x[:, :7], x[:, 8:]], dim=1)) if along == "channel" else \
+            (lambda x: torch.cat([x[:7], x[8:]], dim=0))
+        assert error_beside_outlier(t, 1_000, along, scaling) == quantization_error(drop(amplified), drop(x_hat))
+    if along == "channel":
+        assert error_beside_outlier(t, 10_000, along, "per-tensor").underflow > 0.05
+        assert error_beside_outlier(t, 10_000, along, "1x128").underflow < 0.05
