@@ -83,7 +83,7 @@ class Gate(nn.Module):
             self.last_load = weights.new_zeros(self.n_experts).index_add_(0, indices.flatten(), ones.flatten())
         self.balance_loss = self._sequence_balance_loss(scores, seq_len, counted) \
             if self.training and self.seq_aux_alpha > 0 else None
-        self.expert_balance_loss = self._expert_balance_loss(scores, indices, counted) \
+        self.expert_balance_loss = self._expert_balance_loss(scores, counted) \
             if self.training and self.aux_loss_alpha > 0 else None
         return weights.to(x.dtype), indices
 
@@ -123,8 +123,7 @@ class Gate(nn.Module):
             return None
         return self.seq_aux_alpha * (f * P).sum(dim=-1)[has_tokens].mean()
 
-    def _expert_balance_loss(self, scores: torch.Tensor, indices: torch.Tensor,
-                             counted: torch.Tensor | None) -> torch.Tensor | None:
+    def _expert_balance_loss(self, scores: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor | None:
         """alpha * sum_i f_i P_i over the N counted tokens of the batch (DeepSeek-V2 eqs. 21-23, expert-level).
 
         f_i = E / (k N) * (tokens routed to expert i): 1 for every expert under perfect balance. It counts the
@@ -134,12 +133,12 @@ class Gate(nn.Module):
         no token is counted.
         """
         if counted is not None:
-            scores, indices = scores[counted], indices[counted]
+            scores = scores[counted]
         N, E = scores.shape
         if N == 0:
             return None
         probs = scores / scores.sum(dim=-1, keepdim=True)  # [N, E]
-        counts = torch.bincount(indices.flatten(), minlength=E).to(probs.dtype)  # [E], no gradient (top-k)
+        counts = self.last_load.to(probs.dtype)  # [E]: the forward's count of the counted tokens; no gradient (top-k)
         f = counts * E / (self.topk * N)  # [E]
         return self.aux_loss_alpha * (f * probs.mean(dim=0)).sum()
 
