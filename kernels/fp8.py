@@ -45,6 +45,7 @@ from .reference import AMAX_FLOOR, FP8, FP8_MAX, cdiv
 
 # Constants a kernel reads must be tl.constexpr globals.
 NAN_CODE = tl.constexpr(0x7F)  # E4M3 NaN, stored as a byte: the interpreter's float32 -> fp8 cast never gives it
+SIGN_BIT = tl.constexpr(-0x80000000)  # float32's sign bit, as an int32
 RNE_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2**23: v + this - this is v rounded to an integer, ties to even
 _FP8_MAX = tl.constexpr(FP8_MAX)
 
@@ -60,9 +61,11 @@ def _round_to_e4m3(y):
     quantum = (quantum_exp << 23).to(tl.float32, bitcast=True)
     inv_quantum = ((254 - quantum_exp) << 23).to(tl.float32, bitcast=True)
     steps = tl.abs(y) * inv_quantum  # exact (power-of-two scaling), < 16
-    rounded = ((steps + RNE_MAGIC) - RNE_MAGIC) * quantum
-    # Sign from the sign bit, so that values rounding to zero keep it (-1e-5 -> -0.0, as torch does).
-    return tl.where(bits < 0, -rounded, rounded)
+    rounded = ((steps + RNE_MAGIC) - RNE_MAGIC) * quantum  # >= 0
+    # The sign bit copied back in, so that values rounding to zero keep it (-1e-5 -> -0.0, as torch does). Not
+    # `-rounded`: compiled Triton negates as 0 - x, which turns -0.0 into +0.0 (seen on an H200).
+    sign = bits & SIGN_BIT
+    return (rounded.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -51,12 +51,16 @@ def _scaled_dot(acc, a, a_s, b_ptrs, b_s_ptrs, b_mask, col_ok, step,
                 FP8: tl.constexpr, DOT_DTYPE: tl.constexpr):
     """acc + A . B for one K step, B loaded here; in FP8 the partial is scaled before it joins acc."""
     b = tl.load(b_ptrs, mask=b_mask, other=0.0)
+    # One return after an if/else: the compiler (unlike the interpreter) generates the code after an early
+    # `return` in a constexpr branch too, and there DOT_DTYPE is None.
     if FP8:
         b_s = tl.load(b_s_ptrs + step, mask=col_ok, other=0.0)  # [BLOCK_N] block scale of each column
-        return acc + tl.dot(a, b) * a_s[:, None] * b_s[None, :]
-    # float32 operands: full precision rather than the TF32 tensor-core default.
-    return tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc,
-                  input_precision="ieee" if DOT_DTYPE == tl.float32 else "tf32")
+        acc = acc + tl.dot(a, b) * a_s[:, None] * b_s[None, :]
+    else:
+        # float32 operands: full precision rather than the TF32 tensor-core default.
+        acc = tl.dot(a.to(DOT_DTYPE), b.to(DOT_DTYPE), acc,
+                     input_precision="ieee" if DOT_DTYPE == tl.float32 else "tf32")
+    return acc
 
 
 @triton.jit

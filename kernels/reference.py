@@ -54,7 +54,10 @@ def _pad_last(t: torch.Tensor, size: int) -> torch.Tensor:
 def _tile_scales(tiles: torch.Tensor, dims: tuple[int, ...], amax_floor: float = AMAX_FLOOR) -> torch.Tensor:
     """One scale per tile of float32, zero-padded `tiles`, each tile spanning `dims`."""
     amax = tiles.abs().amax(dim=dims)  # NaN if the tile holds a NaN, inf if an inf
-    return torch.where(amax.isfinite(), amax.clamp_min(amax_floor) / FP8_MAX, float("nan"))
+    # Divided by a tensor, not the number 448: on a GPU PyTorch turns division by a Python number into a product
+    # with its reciprocal, which is not correctly rounded (3.0625 / 448 came out one ulp off on an H200). Tensor
+    # by tensor division is IEEE on every device, as the kernels' tl.div_rn is, so scales match bit for bit.
+    return torch.where(amax.isfinite(), amax.clamp_min(amax_floor) / torch.full_like(amax, FP8_MAX), float("nan"))
 
 
 def act_quant(x: torch.Tensor, block_size: int = 128,

@@ -343,8 +343,28 @@ def test_compiled_kernels_on_the_gpu():
             pytest.skip("FP8 kernels need compute capability 8.9+")
         fp8 = quantize_to_fp8(copy.deepcopy(plain))
         set_kernels("off")
-        reference = fp8(x)
-        set_kernels("auto")
-        out = fp8(x)
-    # the same FP8 arithmetic; float32 sums in another order can move an activation across an E4M3 rounding tie
-    assert relative_error(out, reference) < 1e-2
+        calls = fp8_layer_calls(fp8, x)
+        for name, layer, args in calls:
+            set_kernels("off")
+            reference = layer(*args)
+            set_kernels("auto")
+            out = layer(*args)
+            # The same FP8 arithmetic, but Hopper's FP8 tensor cores sum each 128-deep step at about 14 bits
+            # (DeepSeek-V3 §3.3.2): 1.2e-4 to 1.7e-4 per layer on an H200, where the reference sums in float32.
+            assert relative_error(out, reference) < 1e-3, name
+    # Layer by layer, not the model's output: a 1e-4 difference can flip a near-tied top-k routing choice, and a
+    # token routed elsewhere moves the output far more (0.094 relative, end to end, on an H200).
+    assert {type(layer) for _, layer, _ in calls} == {FP8Linear, FP8RoutedExperts}
+
+
+def fp8_layer_calls(model: nn.Module, x: torch.Tensor) -> list[tuple[str, nn.Module, tuple]]:
+    """(name, layer, inputs) of every FP8Linear and FP8RoutedExperts call in one forward pass of model on x."""
+    calls = []
+    hooks = [m.register_forward_hook(lambda m, args, out, name=name: calls.append((name, m, args)))
+             for name, m in model.named_modules() if isinstance(m, (FP8Linear, FP8RoutedExperts))]
+    try:
+        model(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return calls
