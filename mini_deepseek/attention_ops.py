@@ -42,13 +42,13 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
     key visible), which lets PyTorch pick its fused kernels.
     """
     T, S = q.shape[2], k.shape[2]
-    causal, mask = False, None
-    if padding is None and T == S:
-        causal = bool(T > 1)  # a Python bool: under torch.compile T > 1 is symbolic, which SDPA refuses
-    elif padding is not None or T > 1:
-        mask = attention_mask(T, S, padding, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=scale,
-                                          enable_gqa=q.shape[1] != k.shape[1])
+    gqa = q.shape[1] != k.shape[1]
+    # Branches, not is_causal=(T > 1): under torch.compile T is symbolic and SDPA takes only a Python bool; a
+    # branch makes the compiler guard on the condition and keeps attention inside the graph.
+    if padding is None and T == S and T > 1:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=gqa)
+    mask = attention_mask(T, S, padding, q.device) if padding is not None or T > 1 else None
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
 
 
 def attend_one_kv_head(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,

@@ -35,6 +35,7 @@ class DeepSeekV3(nn.Module):
         # cast a complex buffer to a real dtype and silently drop its imaginary part.
         self.freqs_cis = precompute_freqs_cis(config)
         self._compiled_forward: MaybeCompiled | None = None  # generate(compile=True) builds it at its first call
+        self._compiled_terms: MaybeCompiled | None = None  # loss(compile=True) builds it at its first call
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -150,7 +151,8 @@ class DeepSeekV3(nn.Module):
         return ~real
 
     # --- training ----------------------------------------------------------------------------------------------
-    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def loss(self, input_ids: torch.Tensor, targets: torch.Tensor,
+             compile: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
         """Next-token loss + mtp_loss_weight * mean MTP loss + the balance losses that are switched on.
 
         Returns (total, parts): parts holds each term by name as a float, "lm", "mtp" (before its weight),
@@ -158,7 +160,8 @@ class DeepSeekV3(nn.Module):
         that is off (or has no target to count) is absent. Targets of -100 are ignored everywhere: in the
         cross-entropies and in the routing statistics (the load the bias update reads, and both balance losses).
         An MTP depth with no target left (all -100, or T <= k) adds nothing: the MTP loss is the mean over the
-        depths that have targets, and is absent if none has.
+        depths that have targets, and is absent if none has. compile=True computes the terms through torch.compile
+        (TrainConfig(compile=True); compile.py): the checks here read token values, so they stay outside the graph.
         """
         if targets.shape != input_ids.shape:
             raise ValueError(f"targets {tuple(targets.shape)} must match input_ids {tuple(input_ids.shape)}")
@@ -166,19 +169,26 @@ class DeepSeekV3(nn.Module):
         target_mask = targets != -100  # [B, T]
         if not bool(target_mask.any()):
             raise ValueError("every target is -100: the batch has nothing to learn from")
+        # depth k at position i predicts token i+k+1 = targets[i+k]
+        mtp_depths = tuple(k for k in range(1, len(self.mtp) + 1) if bool(target_mask[:, k:].any()))
+        loss_terms = self._compiled_loss_terms() if compile else self.loss_terms
+        total, terms = loss_terms(input_ids, targets, target_mask, mtp_depths)
+        return total, {name: term.item() for name, term in terms.items()}
+
+    def loss_terms(self, input_ids: torch.Tensor, targets: torch.Tensor, target_mask: torch.Tensor,
+                   mtp_depths: tuple[int, ...]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """loss() on checked inputs, as tensors: (total, {name: term}); mtp_depths: the MTP depths with targets.
+        No value of a tensor decides anything here, so torch.compile traces it as one graph."""
         if self.mtp:
             logits, mtp_logits = self._forward(input_ids, 0, None, None, target_mask, return_mtp=True)
         else:
             logits, mtp_logits = self._forward(input_ids, 0, None, None, target_mask, return_mtp=False), []
         lm = _cross_entropy(logits, targets)
-        total, parts = lm, {"lm": lm.item()}
-        # depth k at position i predicts token i+k+1 = targets[i+k]
-        depths = [_cross_entropy(lg, targets[:, k:]) for k, lg in enumerate(mtp_logits, start=1)
-                  if bool(target_mask[:, k:].any())]
-        if depths:
-            mtp = torch.stack(depths).mean()
+        total, terms = lm, {"lm": lm}
+        if mtp_depths:
+            mtp = torch.stack([_cross_entropy(mtp_logits[k - 1], targets[:, k:]) for k in mtp_depths]).mean()
             total = total + self.config.mtp_loss_weight * mtp
-            parts["mtp"] = mtp.item()
+            terms["mtp"] = mtp
         gates = self.gates()
         for name, attribute in (("seq_balance", "balance_loss"), ("expert_balance", "expert_balance_loss")):
             losses = [getattr(g, attribute) for g in gates if getattr(g, attribute) is not None]
@@ -187,8 +197,15 @@ class DeepSeekV3(nn.Module):
             if losses:  # summed over the MoE layers (main model and MTP modules), each already times its alpha
                 layer_sum = torch.stack(losses).sum()
                 total = total + layer_sum
-                parts[name] = layer_sum.item()
-        return total, parts
+                terms[name] = layer_sum
+        return total, terms
+
+    def _compiled_loss_terms(self):
+        """loss_terms through torch.compile for loss(compile=True), built once per model (compile.py)."""
+        if self._compiled_terms is None:
+            self._compiled_terms = MaybeCompiled(self.loss_terms, self.embed_tokens.weight.device,
+                                                 "TrainConfig(compile=True)")
+        return self._compiled_terms
 
     def gates(self) -> list[Gate]:
         """Every MoE gate, main layers first, then the MTP modules'."""

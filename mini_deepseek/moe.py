@@ -102,11 +102,11 @@ class Gate(nn.Module):
         return grouped.masked_fill(dropped.unsqueeze(-1), float("-inf")).view(N, -1)
 
     def _sequence_balance_loss(self, scores: torch.Tensor, seq_len: int,
-                               counted: torch.Tensor | None) -> torch.Tensor | None:
+                               counted: torch.Tensor | None) -> torch.Tensor:
         """alpha * sum_i f_i P_i per sequence (DeepSeek-V3 eqs. 17-20), averaged over the sequences.
 
         T of eqs. 18 and 20 is the number of counted tokens of each sequence; a sequence with none adds nothing
-        (None when no sequence has any). The indicator of eq. 18 is TopK of the unbiased affinities s_{i,t}, as the
+        (0 when no sequence has any). The indicator of eq. 18 is TopK of the unbiased affinities s_{i,t}, as the
         report writes it, not the biased, group-limited choice that routes the token.
         """
         E, k = self.n_experts, self.topk
@@ -118,10 +118,11 @@ class Gate(nn.Module):
         per_token = tokens.clamp(min=1)  # no 0/0 (its gradient would be NaN) for a sequence without tokens
         f = (in_topk.view(-1, seq_len, E) * w).sum(dim=1) * (E / k) / per_token  # [B, E]: N_r / (K_r T) * count
         P = (probs.view(-1, seq_len, E) * w).sum(dim=1) / per_token  # [B, E]
-        has_tokens = tokens.squeeze(1) > 0
-        if not bool(has_tokens.any()):
-            return None
-        return self.seq_aux_alpha * (f * P).sum(dim=-1)[has_tokens].mean()
+        has_tokens = (tokens.squeeze(1) > 0).to(f.dtype)  # [B]
+        # The mean over the sequences that have tokens as a masked sum: no branch on a value and no shape that
+        # depends on one, so torch.compile keeps it in the graph (the same bits as .mean() when all have tokens).
+        per_sequence = (f * P).sum(dim=-1) * has_tokens  # [B]
+        return self.seq_aux_alpha * (per_sequence.sum() / has_tokens.sum().clamp(min=1))
 
     def _expert_balance_loss(self, scores: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor | None:
         """alpha * sum_i f_i P_i over the N counted tokens of the batch (DeepSeek-V2 eqs. 21-23, expert-level).

@@ -30,13 +30,13 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
-from .compile import MaybeCompiled
 from .data import TokenDataset
 from .progress import progress_bar
 
@@ -172,7 +172,7 @@ def train(model: nn.Module, dataset: TokenDataset, cfg: TrainConfig,
 
     model.train()
     # compiled: the same losses up to float rounding (inductor fuses and reorders float operations)
-    loss_fn = MaybeCompiled(model.loss, device, "TrainConfig(compile=True)") if cfg.compile else model.loss
+    loss_fn = partial(model.loss, compile=True) if cfg.compile else model.loss
     tokens_per_step = cfg.batch_size * cfg.seq_len
     window_loss, window_time, window_steps = 0.0, 0.0, 0
     with progress_bar(total=cfg.steps, initial=start_step, desc="train", unit="step", disable=not progress) as bar:

@@ -55,3 +55,36 @@ def test_train_with_compile_falls_back_to_the_same_losses(monkeypatch):
 
 def test_compiler_missing_names_the_device_it_cannot_serve():
     assert "meta" in compiler_missing(torch.device("meta"))
+
+
+def graphs_traced(fn, *args) -> int:
+    """How many graphs torch.compile(fn, dynamic=True), as MaybeCompiled builds it, cuts fn into on these arguments;
+    traced by dynamo alone (the backend keeps each graph as it is: seconds, where inductor takes minutes)."""
+    graphs = []
+
+    def keep(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    torch._dynamo.reset()
+    try:
+        torch.compile(fn, backend=keep, dynamic=True)(*args)
+    finally:
+        torch._dynamo.reset()
+    return len(graphs)
+
+
+def test_what_torch_compile_traces_is_one_graph_each():
+    """The training loss terms (MLA, the MoE layers with the sequence-wise balance loss, the MTP module) and a cached
+    decoding step are one graph each. A graph break (a branch on a tensor's value, a shape that depends on one, an
+    argument SDPA refuses when symbolic) would cut the compiled function into pieces run eagerly in between."""
+    model = small_model().train()
+    assert model.mtp and model.config.seq_aux_alpha > 0
+    x = torch.randint(0, 264, (2, 32), generator=torch.Generator().manual_seed(0))
+    y = x.roll(-1, dims=1)
+    assert graphs_traced(model.loss_terms, x, y, y != -100, (1,)) == 1
+    model.eval()
+    cache = model.new_cache(1, 40)
+    with torch.no_grad():
+        model(x[:1, :16], cache=cache)
+        assert graphs_traced(model._forward, x[:1, 16:17], 16, cache, None, None, False) == 1

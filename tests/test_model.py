@@ -452,7 +452,9 @@ def test_sequence_balance_loss_counts_only_the_counted_tokens():
     assert masked_loss.item() == pytest.approx((parts[0][0] + parts[1][0]).item() / 2, rel=1e-5)
     assert torch.equal(masked_load, parts[0][1] + parts[1][1])
     gate(x, seq_len=6, counted=torch.zeros(18, dtype=torch.bool))
-    assert gate.balance_loss is None and gate.last_load.sum() == 0
+    assert gate.balance_loss.item() == 0 and gate.last_load.sum() == 0  # nothing counted: 0, not 0/0
+    gate.balance_loss.backward()
+    assert gate.weight.grad.isfinite().all()
 
 
 def test_softmax_gate_has_no_bias():
