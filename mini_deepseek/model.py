@@ -38,6 +38,11 @@ class DeepSeekV3(nn.Module):
         self._compiled_terms: MaybeCompiled | None = None  # loss(compile=True) builds it at its first call
         self.apply(self._init_weights)
 
+    def __getstate__(self) -> dict:
+        """What copy.deepcopy and pickle copy: everything but the compiled functions, which are bound to this model
+        (a copy that kept them would run the original's weights); a copy compiles its own at its first call."""
+        return {**self.__dict__, "_compiled_forward": None, "_compiled_terms": None}
+
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
         if isinstance(module, (nn.Linear, nn.Embedding, Gate)):

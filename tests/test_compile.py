@@ -2,6 +2,8 @@
 says why. Compiling itself takes minutes on the course CPU, so these tests make it unavailable or failing; the
 benchmark (benchmarks/decode_vs_hf.py --compile) runs the real thing."""
 
+import copy
+import functools
 import warnings
 
 import pytest
@@ -88,3 +90,22 @@ def test_what_torch_compile_traces_is_one_graph_each():
     with torch.no_grad():
         model(x[:1, :16], cache=cache)
         assert graphs_traced(model._forward, x[:1, 16:17], 16, cache, None, None, False) == 1
+
+
+def test_a_copy_of_a_model_compiles_its_own_functions(monkeypatch):
+    """The compiled loss terms and decoding step are bound to the model that built them: a deep copy (a reference
+    policy, a checkpoint's twin) must run its own weights, not the original's. dynamo's eager backend stands in for
+    inductor (the same binding, seconds instead of minutes)."""
+    monkeypatch.setattr(compile_module, "compiler_missing", lambda device: None)
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    model = small_model().train()
+    x = torch.randint(0, 264, (2, 16), generator=torch.Generator().manual_seed(0))
+    model.loss(x, x.roll(-1, dims=1), compile=True)
+    model.eval().generate(x[:1, :4], 3, compile=True)
+    twin = copy.deepcopy(model).train()
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.mul_(0.5)
+    assert twin.loss(x, x.roll(-1, dims=1), compile=True)[0].item() == twin.loss(x, x.roll(-1, dims=1))[0].item()
+    twin.eval()
+    assert torch.equal(twin.generate(x[:1, :4], 3, compile=True), twin.generate(x[:1, :4], 3))
