@@ -124,24 +124,25 @@ class Gate(nn.Module):
         per_sequence = (f * P).sum(dim=-1) * has_tokens  # [B]
         return self.seq_aux_alpha * (per_sequence.sum() / has_tokens.sum().clamp(min=1))
 
-    def _expert_balance_loss(self, scores: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor | None:
+    def _expert_balance_loss(self, scores: torch.Tensor, counted: torch.Tensor | None) -> torch.Tensor:
         """alpha * sum_i f_i P_i over the N counted tokens of the batch (DeepSeek-V2 eqs. 21-23, expert-level).
 
         f_i = E / (k N) * (tokens routed to expert i): 1 for every expert under perfect balance. It counts the
         experts actually chosen (with the bias, when both methods run), and is a constant: the gradient flows
         through P_i = mean affinity of expert i, normalized over all experts as the sequence-wise loss does (V2's
-        softmax scores already sum to one). It falls when the affinities of the overloaded experts fall. None when
+        softmax scores already sum to one). It falls when the affinities of the overloaded experts fall. 0 when
         no token is counted.
         """
-        if counted is not None:
-            scores = scores[counted]
-        N, E = scores.shape
-        if N == 0:
-            return None
+        E = self.n_experts
+        w = torch.ones_like(scores[:, 0]) if counted is None else counted.to(scores.dtype)  # [N]: 1 = counted
+        # Means over the counted tokens as masked sums: no shape or branch depends on a value, so torch.compile
+        # keeps them in the graph (the same bits as .mean(dim=0) when every token counts).
+        n = w.sum().clamp(min=1)  # N
         probs = scores / scores.sum(dim=-1, keepdim=True)  # [N, E]
         counts = self.last_load.to(probs.dtype)  # [E]: the forward's count of the counted tokens; no gradient (top-k)
-        f = counts * E / (self.topk * N)  # [E]
-        return self.aux_loss_alpha * (f * probs.mean(dim=0)).sum()
+        f = counts * E / (self.topk * n)  # [E]
+        P = (probs * w[:, None]).sum(dim=0) / n  # [E]
+        return self.aux_loss_alpha * (f * P).sum()
 
     @torch.no_grad()
     def update_bias(self) -> None:

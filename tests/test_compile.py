@@ -77,7 +77,7 @@ def graphs_traced(fn, *args) -> int:
 
 
 def test_what_torch_compile_traces_is_one_graph_each():
-    """The training loss terms (MLA, the MoE layers with the sequence-wise balance loss, the MTP module) and a cached
+    """The training loss terms (MLA, the MoE layers with either balance loss, the MTP module) and a cached
     decoding step are one graph each. A graph break (a branch on a tensor's value, a shape that depends on one, an
     argument SDPA refuses when symbolic) would cut the compiled function into pieces run eagerly in between."""
     model = small_model().train()
@@ -85,6 +85,8 @@ def test_what_torch_compile_traces_is_one_graph_each():
     x = torch.randint(0, 264, (2, 32), generator=torch.Generator().manual_seed(0))
     y = x.roll(-1, dims=1)
     assert graphs_traced(model.loss_terms, x, y, y != -100, (1,)) == 1
+    with_aux_loss = DeepSeekV3(ModelConfig.preset("toy", n_layers=2, max_seq_len=64, aux_loss_alpha=0.01)).train()
+    assert graphs_traced(with_aux_loss.loss_terms, x, y, y != -100, (1,)) == 1  # the expert-level loss too
     model.eval()
     cache = model.new_cache(1, 40)
     with torch.no_grad():

@@ -418,7 +418,9 @@ def test_expert_balance_loss_counts_only_the_counted_tokens():
     expected = expected_expert_balance_loss(scores[counted], indices[counted], 0.1)
     assert gate.expert_balance_loss.item() == pytest.approx(expected.item(), rel=1e-5)
     gate(x, seq_len=6, counted=torch.zeros(18, dtype=torch.bool))
-    assert gate.expert_balance_loss is None
+    assert gate.expert_balance_loss.item() == 0  # nothing counted: 0, not 0/0
+    gate.expert_balance_loss.backward()
+    assert gate.weight.grad.isfinite().all()
 
 
 def test_sequence_balance_indicator_is_topk_of_the_unbiased_affinities():
