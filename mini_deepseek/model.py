@@ -34,14 +34,14 @@ class DeepSeekV3(nn.Module):
         # Complex rotations [max_seq_len, rope_dim/2]. A plain attribute, not a buffer: Module.to(bfloat16) would
         # cast a complex buffer to a real dtype and silently drop its imaginary part.
         self.freqs_cis = precompute_freqs_cis(config)
-        self._compiled_forward: MaybeCompiled | None = None  # generate(compile=True) builds it at its first call
-        self._compiled_terms: MaybeCompiled | None = None  # loss(compile=True) builds it at its first call
+        # torch.compile'd methods by name, each built at its first use: generate(compile=True) and loss(compile=True)
+        self._compiled: dict[str, MaybeCompiled] = {}
         self.apply(self._init_weights)
 
     def __getstate__(self) -> dict:
         """What copy.deepcopy and pickle copy: everything but the compiled functions, which are bound to this model
         (a copy that kept them would run the original's weights); a copy compiles its own at its first call."""
-        return {**self.__dict__, "_compiled_forward": None, "_compiled_terms": None}
+        return {**self.__dict__, "_compiled": {}}
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.init_std
@@ -176,7 +176,7 @@ class DeepSeekV3(nn.Module):
             raise ValueError("every target is -100: the batch has nothing to learn from")
         # depth k at position i predicts token i+k+1 = targets[i+k]
         mtp_depths = tuple(k for k in range(1, len(self.mtp) + 1) if bool(target_mask[:, k:].any()))
-        loss_terms = self._compiled_loss_terms() if compile else self.loss_terms
+        loss_terms = self._compiled_method(self.loss_terms, "TrainConfig(compile=True)") if compile else self.loss_terms
         total, terms = loss_terms(input_ids, targets, target_mask, mtp_depths)
         return total, {name: term.item() for name, term in terms.items()}
 
@@ -204,13 +204,6 @@ class DeepSeekV3(nn.Module):
                 total = total + layer_sum
                 terms[name] = layer_sum
         return total, terms
-
-    def _compiled_loss_terms(self):
-        """loss_terms through torch.compile for loss(compile=True), built once per model (compile.py)."""
-        if self._compiled_terms is None:
-            self._compiled_terms = MaybeCompiled(self.loss_terms, self.embed_tokens.weight.device,
-                                                 "TrainConfig(compile=True)")
-        return self._compiled_terms
 
     def gates(self) -> list[Gate]:
         """Every MoE gate, main layers first, then the MTP modules'."""
@@ -282,7 +275,8 @@ class DeepSeekV3(nn.Module):
         self.eval()
         try:
             tokens = self._decode(input_ids, max_new_tokens, temperature, top_p, use_cache, eos_id, pad_id, generator,
-                                  mask, self._compiled_step() if compile and use_cache else self._forward)
+                                  mask, self._compiled_method(self._forward, "generate(compile=True)")
+                                  if compile and use_cache else self._forward)
         finally:
             self.train(was_training)
         return tokens
@@ -319,11 +313,12 @@ class DeepSeekV3(nn.Module):
                 logits = self._forward(tokens[:, :n], 0, None, pad, None, False)[:, -1]
         return tokens[:, :n].contiguous()
 
-    def _compiled_step(self):
-        """_forward through torch.compile for generate(compile=True), built once per model (compile.py)."""
-        if self._compiled_forward is None:
-            self._compiled_forward = MaybeCompiled(self._forward, self.embed_tokens.weight.device, "generate(compile=True)")
-        return self._compiled_forward
+    def _compiled_method(self, method, what: str) -> MaybeCompiled:
+        """method (one of this model's) through torch.compile, built at its first use and kept (compile.py); what:
+        the option that asked for it, named in MaybeCompiled's warnings."""
+        if method.__name__ not in self._compiled:
+            self._compiled[method.__name__] = MaybeCompiled(method, self.embed_tokens.weight.device, what)
+        return self._compiled[method.__name__]
 
     @staticmethod
     def _left_padding_mask(attention_mask: torch.Tensor | None, B: int, T: int) -> torch.Tensor | None:
