@@ -247,8 +247,11 @@ def _(rows: torch.Tensor, w: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
 def _grouped_matmul_grads(grad: torch.Tensor, rows: torch.Tensor, w: torch.Tensor,
                           ends: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """grouped_matmul's gradients for grad [M, out]: to the rows, grad through each block's w[e] transposed [M, K];
-    to the weights, block e's grad^T rows [E, out, K] (one batched product of the padded blocks)."""
+    to the weights, block e's grad^T rows [E, out, K]: torch._grouped_mm grouped along the contraction (M), as
+    eager autograd of torch._grouped_mm computes it (the same bits), else one batched product of the padded blocks."""
     grad_rows = _grouped_matmul_eager(grad, w.transpose(1, 2), ends)
+    if _grouped_mm_fits(rows, w):
+        return grad_rows, torch._grouped_mm(grad.t(), rows, offs=ends)
     (padded_grad, padded_rows), _, _ = _pad_blocks(ends, grad, rows)  # [E, longest, out], [E, longest, K]
     return grad_rows, torch.bmm(padded_grad.transpose(1, 2), padded_rows)
 
